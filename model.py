@@ -1,0 +1,444 @@
+"""
+A GPT-2 language model with four ways to carry the residual stream, in one file.
+
+The transformer backbone is nanoGPT's GPT-2 and is the same in every variant. What varies is the residual
+stream: what a sublayer (attention or MLP) reads, how its output is written back, and what reaches the final
+LayerNorm. `GPTConfig.residual` picks one of:
+
+  'standard'  x = x + F(ln(x))                                           (GPT-2)
+  'ddl'       Deep Delta Learning, Zhang et al. 2026, arXiv:2601.00417: a gated delta-rule rewrite of the
+              state along the direction of each sublayer output; scalar (ddl_dv=1) or expanded d x dv state
+  'attnres'   Attention Residuals, Kimi Team 2026, arXiv:2603.15031: each sublayer reads a softmax mixture of
+              the embedding and all earlier sublayer outputs (res_block=0), or of block sums (res_block=S)
+  'delta'     Delta Attention Residuals, Luo et al. 2026, arXiv:2605.18855: the same routed mixture, added on
+              top of the untouched standard stream (res_block=0 per sublayer, res_block=S blocks)
+
+Every variant is a small `nn.Module` with four methods: start(e) builds the stream state from the embedding,
+read(st, s) gives sublayer s its input, write(st, s, out, h, c) writes the output back, final(st) gives the
+input of ln_f. AttnRes and Delta share one routing primitive, `depth_route`.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# ----------------------------------------------------------------------------------------------------------
+# The GPT-2 backbone (as in nanoGPT)
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout = config.n_head, config.dropout
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """One transformer layer = two sublayers, each a (pre-norm, function) pair. The residual stream that
+    connects them is not here: it belongs to the variant (see GPT.forward)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+
+RESIDUALS = ('standard', 'ddl', 'attnres', 'delta')
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64, for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = False       # biases in Linears and LayerNorms; False is a little better and faster
+    residual: str = 'standard'  # one of RESIDUALS
+    res_block: int = 0       # attnres/delta: 0 routes over every sublayer output, S > 0 over sums of S sublayers
+    ddl_dv: int = 1          # ddl: value channels of the state; 1 = a vector stream, >1 = a d x dv matrix
+    delta_gate: bool = False  # delta: scale the routed term by a learnable scalar that starts at 0
+
+    def __post_init__(self):
+        checks = [
+            ('residual', self.residual in RESIDUALS, f'one of {RESIDUALS}'),
+            ('res_block', self.res_block >= 0, 'an int >= 0 (0 = per sublayer, S > 0 = blocks of S sublayers)'),
+            ('ddl_dv', self.ddl_dv >= 1, 'an int >= 1'),
+            ('n_embd', self.n_head > 0 and self.n_embd % self.n_head == 0, f'divisible by n_head={self.n_head}'),
+            ('dropout', 0.0 <= self.dropout < 1.0, 'in [0, 1)'),
+        ] + [(k, getattr(self, k) > 0, 'an int > 0') for k in ('block_size', 'vocab_size', 'n_layer', 'n_head')]
+        for field, ok, expected in checks:
+            if not ok:
+                raise ValueError(f'GPTConfig.{field}={getattr(self, field)!r}: expected {expected}')
+
+# ----------------------------------------------------------------------------------------------------------
+# The residual streams. s = 0 .. 2L-1 numbers the sublayers (even: attention, odd: MLP).
+
+class Standard(nn.Module):
+    """x <- x + F(ln(x)). The state is the stream itself."""
+
+    def start(self, e):
+        return {'x': e}
+
+    def read(self, st, s):
+        return st['x']
+
+    def write(self, st, s, out, h, c):
+        st['x'] = st['x'] + out
+
+    def final(self, st):
+        return st['x']
+
+
+class DeepDelta(nn.Module):
+    """Deep Delta Learning: the state X (d x dv per token) is rewritten along k = out/|out| by a delta rule,
+        X <- X + beta * k (v^T - k^T X),  beta = 2 sigmoid(w_b . c + b_b) in (0, 2),  v = 4 sigmoid(W_v x_in + b_v).
+    The readout error along k shrinks by (1 - beta); directions orthogonal to k are untouched; beta = 0 is the
+    identity. v is read from the un-normalised x_in as in the paper's code (the paper's text says W_v c).
+    dv = 1 is the scalar form. dv > 1 is the paper's default 'DDL': a channel compressor per layer (shared by
+    its two sublayers, plus one for the readout) and a causal embedding conv that expands e into X."""
+
+    def __init__(self, config):
+        super().__init__()
+        d, dv, L = config.n_embd, config.ddl_dv, config.n_layer
+        self.dv, self.eps_k = dv, 1e-5
+        std = 0.5 / math.sqrt(d)  # the paper's code initialises these with N(0, 0.5/sqrt(d))
+        self.w_b = nn.Parameter(torch.randn(2 * L, d) * std)  # gate: one row per sublayer
+        self.b_b = nn.Parameter(torch.zeros(2 * L))          # logit(beta0/2) with beta0 = 1, the code's default
+        self.w_v = nn.Parameter(torch.randn(2 * L, d, dv) * std)
+        self.b_v = nn.Parameter(torch.empty(2 * L, dv).uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d)))
+        if dv > 1:
+            # compress(X)[i] = sum_j W[i, j] X[i, j]; W = 1/dv makes compress(repeat(e)) == e at init. (The code
+            # initialises W at random, which flips signs of x_in; we start from the mean the paper describes.)
+            self.compress = nn.Parameter(torch.full((L + 1, d, dv), 1.0 / dv))  # L layers + the final readout
+            # Embedding conv: causal over time, kernel 4, each channel i of e feeds its own dv output channels.
+            # Identity init (last tap 1) makes X0 = repeat(e).
+            self.ec = nn.Parameter(torch.zeros(d * dv, 1, 4))
+            self.ec.data[:, 0, -1] = 1.0
+
+    def start(self, e):
+        if self.dv == 1:
+            return {'X': e.unsqueeze(-1)}  # (B, T, d, 1)
+        B, T, d = e.shape
+        X = F.conv1d(F.pad(e.transpose(1, 2), (3, 0)), self.ec.to(e.dtype), groups=d)  # (B, d*dv, T), causal
+        return {'X': X.view(B, d, self.dv, T).permute(0, 3, 1, 2)}  # (B, d*dv, T) -> (B, T, d, dv)
+
+    def _compress(self, X, i):
+        return X.squeeze(-1) if self.dv == 1 else (X * self.compress[i]).sum(-1)  # (B, T, d, dv) -> (B, T, d)
+
+    def read(self, st, s):
+        return self._compress(st['X'], s // 2)
+
+    def write(self, st, s, out, h, c):
+        X, out = wide(st['X']), wide(out)
+        k = out * torch.rsqrt(out.pow(2).sum(-1, keepdim=True) + self.eps_k ** 2)               # (B, T, d)
+        beta = 2 * torch.sigmoid(wide(c) @ self.w_b[s] + self.b_b[s])                           # (B, T)
+        v = 4 * torch.sigmoid(wide(h) @ self.w_v[s] + self.b_v[s])                              # (B, T, dv)
+        r = torch.einsum('btd,btdj->btj', k, X)                                                   # k^T X: (B, T, dv)
+        st['X'] = X + k.unsqueeze(-1) * (beta.unsqueeze(-1) * (v - r)).unsqueeze(-2)            # rank-1 write
+
+    def final(self, st):
+        return self._compress(st['X'], -1)
+
+
+def wide(t):
+    """t in fp32 for statistics and accumulation (fp64 stays fp64, so tests can check in double precision)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def depth_route(srcs, w, eps=1e-6):
+    """Softmax attention over depth, the primitive shared by AttnRes and Delta AttnRes.
+    srcs: n tensors (B, T, d), the values. w: (d,) = query * key_gain of this read, because
+        q . RMSNorm(v; g) = (q * g) . v / rms(v)
+    so the keys are never materialised. No 1/sqrt(d) and no temperature, as in the paper. Statistics in fp32.
+    Returns the mixture sum_i a_i v_i (B, T, d) in fp32 and the weights a (n, B, T)."""
+    logits = torch.stack([(wide(v) @ w) * torch.rsqrt(wide(v).pow(2).mean(-1) + eps) for v in srcs])  # (n, B, T)
+    a = logits.softmax(0)
+    return sum(a[i].unsqueeze(-1) * wide(v) for i, v in enumerate(srcs)), a
+
+
+class Routed(nn.Module):
+    """Attention Residuals (additive=False) and Delta Attention Residuals (additive=True).
+    Sources: the embedding e, then either every sublayer output (res_block=0) or, for blocks of S sublayers,
+    the sum of each finished block plus the partial sum of the current one. The embedding is never summed
+    into a block. With S = 1 every block is one sublayer, which is exactly the per-sublayer form, so the
+    per-sublayer form is implemented as S = 1.
+    AttnRes replaces the stream: sublayer s reads h = sum_i a_i v_i, and a final read feeds ln_f.
+    Delta keeps the standard stream x <- x + out and reads h = x + gamma_s * sum_i a_i v_i; sublayer 0 reads
+    x = e unrouted (it has only e as a source). gamma_s = 1 unless delta_gate, where it is learned from 0."""
+
+    def __init__(self, config, additive):
+        super().__init__()
+        L2, d = 2 * config.n_layer, config.n_embd
+        self.additive, self.S = additive, config.res_block or 1
+        # one routed read per sublayer, plus the final read (AttnRes) or minus sublayer 0's (Delta)
+        self.n_reads = L2 - 1 if additive else L2 + 1
+        self.query = nn.Parameter(torch.zeros(self.n_reads, d))  # zero: uniform weights at init (mandatory)
+        self.key_gain = nn.Parameter(torch.ones(self.n_reads, d))
+        self.gate = nn.Parameter(torch.zeros(self.n_reads)) if config.delta_gate else None
+        self.record = None  # a list while routing_weights() collects each read's weights
+
+    def start(self, e):
+        return {'x': e, 'blocks': [e], 'partial': None}
+
+    def _route(self, st, r):
+        srcs = st['blocks'] + ([st['partial']] if st['partial'] is not None else [])
+        mix, a = depth_route(srcs, self.query[r] * self.key_gain[r])
+        if self.record is not None:
+            self.record.append((a.detach(), len(st['blocks'])))
+        return mix
+
+    def read(self, st, s):
+        if not self.additive:
+            return self._route(st, s)
+        if s == 0:
+            return st['x']
+        mix = self._route(st, s - 1)
+        return st['x'] + (mix if self.gate is None else self.gate[s - 1] * mix)
+
+    def write(self, st, s, out, h, c):
+        if self.additive:
+            st['x'] = st['x'] + out
+        # the partial sum is kept in fp32 (a sum of bf16 outputs would round at every step)
+        st['partial'] = wide(out) if st['partial'] is None else st['partial'] + out
+        if (s + 1) % self.S == 0:  # block finished: it becomes a source of its own
+            st['blocks'].append(st['partial'])
+            st['partial'] = None
+
+    def final(self, st):
+        return st['x'] if self.additive else self._route(st, self.n_reads - 1)
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+        # residual projections: std 0.02/sqrt(2L), so the sum of 2L sublayer outputs keeps its scale (GPT-2)
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # the variant goes last: the init above touches only Linear and Embedding modules, not its parameters
+        r = config.residual
+        self.stream = (Standard() if r == 'standard' else DeepDelta(config) if r == 'ddl'
+                       else Routed(config, additive=(r == 'delta')))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def sublayers(self):
+        """The 2L (pre-norm, function) pairs in order: attention then MLP of each layer."""
+        for block in self.transformer.h:
+            yield block.ln_1, block.attn
+            yield block.ln_2, block.mlp
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count. The position embeddings are left out by default; the token embeddings are counted
+        because they are also the output layer."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f'sequence length {T} > block_size {self.config.block_size}')
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        e = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, d)
+        st = self.stream.start(e)
+        for s, (norm, f) in enumerate(self.sublayers()):
+            h = self.stream.read(st, s)  # what sublayer s reads, before its pre-norm
+            c = norm(h)
+            self.stream.write(st, s, f(c), h, c)
+        x = self.transformer.ln_f(self.stream.final(st))
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens tokens after idx (B, T), feeding each prediction back in."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]  # crop the context to block_size
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('inf')
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    # ------------------------------------------------------------------------------------------------------
+    # Routing diagnostics
+
+    @torch.no_grad()
+    def routing_weights(self, idx):
+        """The softmax weights of every routed read for the tokens idx, from the same forward code, as a
+        (R, S, B, T) tensor: R reads, S sources as named by routing_labels(), zero where a source is not
+        visible to a read. In the block forms the current partial block always goes in the last column.
+        None for the variants without routing."""
+        if not isinstance(self.stream, Routed):
+            return None
+        self.stream.record = []
+        try:
+            self(idx)
+            record = self.stream.record
+        finally:
+            self.stream.record = None
+        B, T = idx.shape
+        w = torch.zeros(len(record), len(self.routing_labels()[1]), B, T)
+        for r, (a, nb) in enumerate(record):
+            w[r, :nb] = a[:nb]          # the embedding and the finished blocks, in order
+            if a.size(0) > nb:
+                w[r, -1] = a[nb]        # the partial block
+        return w
+
+    def routing_labels(self):
+        """Names of the reads (rows) and the sources (columns) of routing_weights(), for tables and pictures."""
+        L2, S, additive = 2 * self.config.n_layer, self.stream.S, self.stream.additive
+        name = lambda s: f'L{s // 2}.{"attn" if s % 2 == 0 else "mlp"}'
+        dests = [name(s) for s in range(1, L2)] if additive else [name(s) for s in range(L2)] + ['final']
+        nb = (L2 - 1 if additive else L2) // S  # blocks finished before the last read
+        srcs = [name(s) for s in range(nb)] if S == 1 else [f'blk{b + 1}' for b in range(nb)] + ['partial']
+        return dests, ['emb'] + srcs
+
+    # ------------------------------------------------------------------------------------------------------
+    # Training helpers
+
+    def variant_param_names(self):
+        """Names of the parameters that only this variant has (all under 'stream.')."""
+        return {n for n, _ in self.named_parameters() if n.startswith('stream.')}
+
+    def load_backbone(self, state_dict):
+        """Load a checkpoint of any variant. The backbone must match exactly; the variant's own parameters are
+        taken from it only where the checkpoint has them with the same shape. Returns the names left at init."""
+        sd = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in state_dict.items()}
+        own = self.state_dict()
+        variant = self.variant_param_names()
+        problems = [f'missing {k}' for k in own if k not in variant and k not in sd]
+        problems += [f'unexpected {k}' for k in sd if k not in own and not k.startswith('stream.')]
+        problems += [f'{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}'
+                     for k in own if k in sd and k not in variant and sd[k].shape != own[k].shape]
+        if problems:
+            raise ValueError('checkpoint backbone does not match this model: ' + '; '.join(problems[:8]))
+        load = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
+        self.load_state_dict(load, strict=False)
+        return sorted(variant - load.keys())
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, routing_lr_mult=1.0):
+        """AdamW. Weight decay only on the backbone's matrices; never on gains, biases, or the variant's own
+        parameters (queries, key gains, gates, DDL vectors). Each group carries 'lr_mult' for the schedule."""
+        variant = self.variant_param_names()
+        groups = {}
+        for n, p in self.named_parameters():
+            if p.requires_grad:
+                key = (n in variant, p.dim() >= 2 and n not in variant)
+                groups.setdefault(key, []).append(p)
+        optim_groups = [dict(params=ps, weight_decay=weight_decay if decay else 0.0,
+                             lr_mult=routing_lr_mult if is_variant else 1.0)
+                        for (is_variant, decay), ps in groups.items()]
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=(device_type == 'cuda'))
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward = 3x forward), after PaLM appendix B: 6N for the
+        matmuls, 12 L d T for attention at T = block_size, plus the variant's own work."""
+        cfg = self.config
+        L, d, T = cfg.n_layer, cfg.n_embd, cfg.block_size
+        N = self.get_num_params() - sum(p.numel() for p in self.stream.parameters())
+        fwd = 0  # extra forward FLOPs of the residual stream, per token
+        if isinstance(self.stream, DeepDelta):
+            dv = cfg.ddl_dv  # per sublayer: normalise k, beta, v, k^T X and the rank-1 write: ~12 d dv
+            fwd = 2 * L * 12 * d * dv + (0 if dv == 1 else (2 * L + 1) * 2 * d * dv + 8 * d * dv)
+        elif isinstance(self.stream, Routed):
+            # a read over n sources: logits (dot + rms, ~4 n d) and the mixture (2 n d)
+            for s in range(self.stream.n_reads):
+                fwd += 6 * d * _num_sources(s + int(self.stream.additive), self.stream.S)
+        return 6 * N + 12 * L * d * T + 3 * fwd
+
+    def estimate_mfu(self, tokens_per_sec, peak):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (None if unknown)."""
+        return None if not peak else self.flops_per_token() * tokens_per_sec / peak
+
+
+def _num_sources(s, S):
+    """Sources seen by the read before sublayer s (s = 2L for the final read): the embedding, one per
+    finished block, and the current partial block if it has started."""
+    return 1 + s // S + (1 if s % S else 0)
+
+
+def routing_stats(w):
+    """Per read: the mean over tokens of the largest routing weight and of the entropy (nats).
+    w: (R, S, B, T) from GPT.routing_weights. Returns two (R,) tensors."""
+    ent = -(w * torch.log(w.clamp_min(1e-12))).sum(1)  # (R, B, T); zero-padded sources contribute 0
+    return w.max(1).values.mean((1, 2)), ent.mean((1, 2))
+
+
+# dense bf16 peak FLOP/s by device name, for MFU (vendor data sheets, without sparsity)
+PEAK_FLOPS = [('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('A100', 312e12),
+              ('L40S', 362e12), ('L4', 121e12), ('A10G', 70e12), ('RTX 4090', 165e12), ('RTX 3090', 71e12)]
+
+
+def peak_flops(device):
+    """The bf16 peak of a CUDA device from PEAK_FLOPS, or None (CPU, MPS, a GPU not in the table)."""
+    device = torch.device(device)
+    if device.type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_FLOPS if key in name), None)
