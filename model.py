@@ -172,9 +172,10 @@ class DeepDelta(nn.Module):
     def write(self, st, s, out, h, c):
         X, out = wide(st['X']), wide(out)
         k = out * torch.rsqrt(out.pow(2).sum(-1, keepdim=True) + self.eps_k ** 2)               # (B, T, d)
-        beta = 2 * torch.sigmoid(wide(c) @ self.w_b[s] + self.b_b[s])                           # (B, T)
-        v = 4 * torch.sigmoid(wide(h) @ self.w_v[s] + self.b_v[s])                              # (B, T, dv)
-        r = torch.einsum('btd,btdj->btj', k, X)                                                   # k^T X: (B, T, dv)
+        # products written as multiply-and-sum, not matmul, so autocast keeps them in fp32
+        beta = 2 * torch.sigmoid((wide(c) * self.w_b[s]).sum(-1) + self.b_b[s])                # (B, T)
+        v = 4 * torch.sigmoid((wide(h).unsqueeze(-1) * self.w_v[s]).sum(-2) + self.b_v[s])     # (B, T, dv)
+        r = (k.unsqueeze(-1) * X).sum(-2)                                                        # k^T X: (B, T, dv)
         st['X'] = X + k.unsqueeze(-1) * (beta.unsqueeze(-1) * (v - r)).unsqueeze(-2)            # rank-1 write
 
     def final(self, st):
@@ -192,7 +193,8 @@ def depth_route(srcs, w, eps=1e-6):
         q . RMSNorm(v; g) = (q * g) . v / rms(v)
     so the keys are never materialised. No 1/sqrt(d) and no temperature, as in the paper. Statistics in fp32.
     Returns the mixture sum_i a_i v_i (B, T, d) in fp32 and the weights a (n, B, T)."""
-    logits = torch.stack([(wide(v) @ w) * torch.rsqrt(wide(v).pow(2).mean(-1) + eps) for v in srcs])  # (n, B, T)
+    # multiply-and-sum rather than a matmul, so autocast keeps the logits in fp32
+    logits = torch.stack([(wide(v) * w).sum(-1) * torch.rsqrt(wide(v).pow(2).mean(-1) + eps) for v in srcs])  # (n, B, T)
     a = logits.softmax(0)
     return sum(a[i].unsqueeze(-1) * wide(v) for i, v in enumerate(srcs)), a
 
