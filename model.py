@@ -187,15 +187,22 @@ def wide(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def depth_route(srcs, w, eps=1e-6):
+def source_logits(v, W, eps=1e-6):
+    """The logits of one source v (B, T, d) against the queries of all R reads at once, (B, T, R):
+        q_r . RMSNorm(v; g_r) = (q_r * g_r) . v / rms(v),   W = query * key_gain (R, d)
+    The queries are parameters, not functions of the input, so each source's logits are computed once, when
+    the source is created, and its keys are never materialised. No 1/sqrt(d), no temperature (as the paper).
+    In fp32 (autocast off), like every statistic of the routing."""
+    with torch.autocast(device_type=v.device.type, enabled=False):
+        v = wide(v)
+        return (v @ W.to(v.dtype).t()) * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def depth_route(srcs, logits):
     """Softmax attention over depth, the primitive shared by AttnRes and Delta AttnRes.
-    srcs: n tensors (B, T, d), the values. w: (d,) = query * key_gain of this read, because
-        q . RMSNorm(v; g) = (q * g) . v / rms(v)
-    so the keys are never materialised. No 1/sqrt(d) and no temperature, as in the paper. Statistics in fp32.
+    srcs: n sources (B, T, d), the values; logits: their n logits (B, T) for this read.
     Returns the mixture sum_i a_i v_i (B, T, d) in fp32 and the weights a (n, B, T)."""
-    # multiply-and-sum rather than a matmul, so autocast keeps the logits in fp32
-    logits = torch.stack([(wide(v) * w).sum(-1) * torch.rsqrt(wide(v).pow(2).mean(-1) + eps) for v in srcs])  # (n, B, T)
-    a = logits.softmax(0)
+    a = torch.stack(logits).softmax(0)  # (n, B, T): normalised over depth, per token
     return sum(a[i].unsqueeze(-1) * wide(v) for i, v in enumerate(srcs)), a
 
 
@@ -221,11 +228,14 @@ class Routed(nn.Module):
         self.record = None  # a list while routing_weights() collects each read's weights
 
     def start(self, e):
-        return {'x': e, 'blocks': [e], 'partial': None}
+        W = self.query * self.key_gain  # (R, d): every read's query with its key gain folded in
+        return {'x': e, 'W': W, 'blocks': [e], 'logits': [source_logits(e, W)], 'partial': None}
 
     def _route(self, st, r):
-        srcs = st['blocks'] + ([st['partial']] if st['partial'] is not None else [])
-        mix, a = depth_route(srcs, self.query[r] * self.key_gain[r])
+        srcs, logits = st['blocks'], [lg[..., r] for lg in st['logits']]
+        if st['partial'] is not None:
+            srcs, logits = srcs + [st['partial']], logits + [st['partial_logits'][..., r]]
+        mix, a = depth_route(srcs, logits)
         if self.record is not None:
             self.record.append((a.detach(), len(st['blocks'])))
         return mix
@@ -241,10 +251,12 @@ class Routed(nn.Module):
     def write(self, st, s, out, h, c):
         if self.additive:
             st['x'] = st['x'] + out
-        # the partial sum is kept in fp32 (a sum of bf16 outputs would round at every step)
-        st['partial'] = wide(out) if st['partial'] is None else st['partial'] + out
+        # a block's running sum is kept in fp32 (a sum of bf16 outputs would round at every step)
+        st['partial'] = out if st['partial'] is None else wide(st['partial']) + out
+        st['partial_logits'] = source_logits(st['partial'], st['W'])
         if (s + 1) % self.S == 0:  # block finished: it becomes a source of its own
             st['blocks'].append(st['partial'])
+            st['logits'].append(st['partial_logits'])
             st['partial'] = None
 
     def final(self, st):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, DeepDelta, depth_route, routing_stats
+from model import GPT, GPTConfig, DeepDelta, depth_route, routing_stats, source_logits
 
 VOCAB, T = 128, 16
 VARIANTS = {
@@ -207,22 +207,27 @@ def test_ddl_matches_naive_loop(dv):
 # ---------------------------------------------------------------------------------------------------------
 # The routing primitive (§6, 8-9)
 
+def route(srcs, w):
+    """One read of the model's primitive, with query * key_gain = w."""
+    return depth_route(srcs, [source_logits(v, w[None])[..., 0] for v in srcs])
+
+
 def test_depth_route_invariants():
     g = torch.Generator().manual_seed(0)
     srcs = [torch.randn(2, 5, 32, generator=g, dtype=torch.float64) for _ in range(4)]
-    mix, a = depth_route(srcs, torch.zeros(32, dtype=torch.float64))
+    mix, a = route(srcs, torch.zeros(32, dtype=torch.float64))
     torch.testing.assert_close(mix, torch.stack(srcs).mean(0), rtol=1e-12, atol=1e-12)  # zero query: the mean
     w = torch.randn(32, generator=g, dtype=torch.float64)
-    mix, a = depth_route(srcs, w)
+    mix, a = route(srcs, w)
     torch.testing.assert_close(a.sum(0), torch.ones(2, 5, dtype=torch.float64))
     lo, hi = torch.stack(srcs).min(0).values, torch.stack(srcs).max(0).values
     assert ((mix >= lo - 1e-12) & (mix <= hi + 1e-12)).all()  # a convex combination
-    _, a2 = depth_route([srcs[0], 5.0 * srcs[1], srcs[2], srcs[3]], w)  # keys are RMS-normalised
+    _, a2 = route([srcs[0], 5.0 * srcs[1], srcs[2], srcs[3]], w)  # keys are RMS-normalised
     torch.testing.assert_close(a2, a, rtol=1e-6, atol=1e-6)
     big = srcs[2] / srcs[2].pow(2).mean(-1, keepdim=True).sqrt()
-    mix, _ = depth_route(srcs, 1e4 * big[0, 0])  # a huge logit on source 2 (at token 0, 0) selects it
+    mix, _ = route(srcs, 1e4 * big[0, 0])  # a huge logit on source 2 (at token 0, 0) selects it
     torch.testing.assert_close(mix[0, 0], srcs[2][0, 0])
-    mix, _ = depth_route([torch.zeros(1, 1, 32), torch.ones(1, 1, 32)], torch.ones(32))  # no NaN for a zero source
+    mix, _ = route([torch.zeros(1, 1, 32), torch.ones(1, 1, 32)], torch.ones(32))  # no NaN for a zero source
     assert torch.isfinite(mix).all()
 
 

@@ -1,0 +1,167 @@
+"""
+Benchmarks: training-step speed and memory of each residual variant, and the routing op alone.
+
+    python bench.py                                  # GPT-2 124M, every variant, B=16 T=1024, on the GPU
+    python bench.py --variants=standard,delta --steps=20
+    python bench.py --device=cpu --n_layer=2 --n_embd=64 --n_head=2 --block_size=64 --batch_size=2 --compile=False
+
+Each variant trains for `warmup` untimed steps (compilation happens there), then `steps` timed steps on random
+tokens. One table is printed (ms/step, tok/s, MFU against the device's peak, peak memory, ratios to the
+standard variant of the same run) and written as JSON. The routing micro-benchmark times one read over
+`route_sources` sources, forward and backward, and reports the bandwidth it achieves counting the bytes that
+must move.
+"""
+
+import json
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+from model import GPT, GPTConfig, depth_route, peak_flops
+
+# default: GPT-2 124M as nanoGPT's bench.py, and the variants as the comparisons use them
+VARIANTS = {
+    'standard': dict(residual='standard'),
+    'ddl': dict(residual='ddl'),
+    'ddl_dv4': dict(residual='ddl', ddl_dv=4),
+    'attnres': dict(residual='attnres'),
+    'attnres_block': dict(residual='attnres', res_block=6),  # 24 sublayers / 6 = 4 blocks
+    'delta': dict(residual='delta'),
+    'delta_block': dict(residual='delta', res_block=6),
+}
+defaults = dict(
+    variants=','.join(VARIANTS), device='cuda', dtype='bfloat16', compile=True,
+    batch_size=16, block_size=1024, n_layer=12, n_head=12, n_embd=768, vocab_size=50304,
+    warmup=10, steps=30, seed=1337, json='bench.json',
+    route_sources=24, route_tokens=16384, route_steps=50,  # 0 route_steps skips the micro-benchmark
+)
+
+
+def parse(argv):
+    cfg = dict(defaults)
+    for arg in argv:
+        key, _, val = arg.removeprefix('--').partition('=')
+        if key not in cfg:
+            sys.exit(f'bench.py: unknown option --{key}; options: {", ".join(cfg)}')
+        typ = type(cfg[key])
+        cfg[key] = val.lower() in ('1', 'true', 'yes') if typ is bool else typ(val)
+    return cfg
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def bench_variant(name, cfg, device):
+    """Time `steps` AdamW training steps of one variant; returns a dict of measurements."""
+    torch.manual_seed(cfg['seed'])
+    mcfg = GPTConfig(block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], n_layer=cfg['n_layer'],
+                     n_head=cfg['n_head'], n_embd=cfg['n_embd'], **VARIANTS[name])
+    model = GPT(mcfg).to(device)
+    opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
+    step_model = torch.compile(model) if cfg['compile'] else model
+    B, T = cfg['batch_size'], cfg['block_size']
+    x = torch.randint(0, mcfg.vocab_size, (B, T), device=device)
+    y = torch.randint(0, mcfg.vocab_size, (B, T), device=device)
+    autocast = torch.autocast(device.type, dtype=getattr(torch, cfg['dtype']), enabled=cfg['dtype'] != 'float32')
+
+    def step():
+        with autocast:
+            _, loss = step_model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.time()
+    for _ in range(cfg['warmup']):
+        step()
+    sync(device)
+    warmup_s = time.time() - t0
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.time()
+    for _ in range(cfg['steps']):
+        loss = step()
+    sync(device)
+    dt = (time.time() - t0) / cfg['steps']
+    tok_s = B * T / dt
+    mfu = model.estimate_mfu(tok_s, peak_flops(device))
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda' else None
+    return dict(variant=name, ms_per_step=1000 * dt, tok_per_s=tok_s, mfu=mfu, peak_mem_mb=peak_mb,
+                warmup_s=warmup_s, loss=loss.item(), params=model.get_num_params(),
+                flops_per_token=model.flops_per_token(), config=asdict(mcfg))
+
+
+def bench_routing(cfg, device):
+    """One read of depth_route over n sources, forward + backward. The bytes that must move (per token, d wide,
+    sources in bf16, the mixture and its gradient in fp32): forward reads n sources and writes the mixture;
+    backward reads the mixture's gradient, reads the n sources again (for the weights' gradients) and writes
+    n source gradients: (3 n * 2 + 2 * 4) * d bytes, plus the n logits and their gradients (2 n * 4 bytes)."""
+    n, N, d = cfg['route_sources'], cfg['route_tokens'], cfg['n_embd']
+    dtype = getattr(torch, cfg['dtype'])
+    g = torch.Generator(device=device).manual_seed(0)
+    srcs = [torch.randn(1, N, d, device=device, dtype=dtype, generator=g).requires_grad_() for _ in range(n)]
+    logits = [torch.randn(1, N, device=device, generator=g).requires_grad_() for _ in range(n)]
+    grad = torch.randn(1, N, d, device=device, generator=g)
+    route = torch.compile(depth_route) if cfg['compile'] else depth_route
+
+    def step():
+        mix, _ = route(srcs, logits)
+        mix.backward(grad)
+
+    for _ in range(3):
+        step()
+    sync(device)
+    t0 = time.time()
+    for _ in range(cfg['route_steps']):
+        step()
+    sync(device)
+    dt = (time.time() - t0) / cfg['route_steps']
+    nbytes = N * ((3 * n * dtype.itemsize + 2 * 4) * d + 2 * n * 4)
+    return dict(sources=n, tokens=N, d=d, ms=1000 * dt, gb_per_s=nbytes / dt / 1e9, bytes=nbytes)
+
+
+def main(argv=None):
+    cfg = parse(sys.argv[1:] if argv is None else argv)
+    device = torch.device(cfg['device'])
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        print(f'{torch.cuda.get_device_name(device)}, torch {torch.__version__}, '
+              f'peak {peak_flops(device) or float("nan"):.3g} FLOP/s')
+    rows = []
+    for name in cfg['variants'].split(','):
+        if name not in VARIANTS:
+            sys.exit(f'bench.py: unknown variant {name!r}; known: {", ".join(VARIANTS)}')
+        rows.append(bench_variant(name, cfg, device))
+        r = rows[-1]
+        print(f'{name}: {r["ms_per_step"]:.1f} ms/step (warm-up {r["warmup_s"]:.0f} s)', flush=True)
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    base = next((r for r in rows if r['variant'] == 'standard'), None)
+    fmt = lambda v, f: '-' if v is None else format(v, f)
+    print(f'\n| variant | ms/step | tok/s | MFU | peak mem (MB) | step vs standard | mem vs standard |')
+    print('|---|---|---|---|---|---|---|')
+    for r in rows:
+        r['step_ratio'] = r['ms_per_step'] / base['ms_per_step'] if base else None
+        r['mem_ratio'] = r['peak_mem_mb'] / base['peak_mem_mb'] if base and r['peak_mem_mb'] else None
+        print(f'| {r["variant"]} | {r["ms_per_step"]:.1f} | {r["tok_per_s"]:,.0f} | '
+              f'{fmt(r["mfu"] and 100 * r["mfu"], ".1f")}{"%" if r["mfu"] else ""} | {fmt(r["peak_mem_mb"], ",.0f")} | '
+              f'{fmt(r["step_ratio"], ".2f")}x | {fmt(r["mem_ratio"], ".2f")}x |')
+    result = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type,
+                  torch=torch.__version__, date=time.strftime('%Y-%m-%d'), config=cfg, variants=rows)
+    if cfg['route_steps'] > 0:
+        rt = result['routing'] = bench_routing(cfg, device)
+        print(f'\nrouting op, {rt["sources"]} sources x {rt["tokens"]} tokens x {rt["d"]} wide, fwd+bwd: '
+              f'{rt["ms"]:.3f} ms, {rt["gb_per_s"]:.0f} GB/s')
+    with open(cfg['json'], 'w') as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,180 @@
+"""
+Sample from a trained model, and show how a routed variant mixes its residual stream for a prompt.
+
+  python sample.py --out_dir=out --start="Once upon a time" --num_samples=3 --max_new_tokens=200
+  python sample.py --out_dir=out --start=FILE:prompt.txt --temperature=0.7 --top_k=50 --seed=42
+  python sample.py --ckpt=runs/delta/ckpt.pt --num_samples=0 --routing_png=routing.png   # only the routing
+
+For 'attnres' and 'delta' models the routing weights of the prompt are printed as a heatmap: one row per
+routed read (the sublayer it feeds, or 'final'), one column per source it can attend to (the embedding, earlier
+sublayer outputs or blocks), each weight averaged over the prompt's tokens, so every row sums to 1.
+"""
+
+import difflib
+import os
+import sys
+from types import SimpleNamespace
+
+import tiktoken
+import torch
+
+from model import GPT, GPTConfig, routing_stats
+
+DEFAULTS = dict(
+    out_dir='out',        # the run to sample from: <out_dir>/ckpt.pt as written by train.py
+    ckpt='',              # a checkpoint path, overriding out_dir
+    start='\n',           # the prompt: text (may be '<|endoftext|>'), or FILE:path to read it from a file
+    num_samples=3,        # samples drawn, each max_new_tokens long (0: only the routing heatmap)
+    max_new_tokens=200,
+    temperature=0.8,      # 1.0 samples the model's distribution; lower is more conservative, higher more random
+    top_k=200,            # sample only among the top_k most likely tokens; 0 = all of them
+    seed=1337,
+    device='cuda' if torch.cuda.is_available() else 'cpu',  # 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32',
+    routing=True,         # print the prompt's routing weights (attnres and delta; the others have none)
+    routing_png='',       # also save the heatmap to this PNG file (needs matplotlib)
+)
+SHADES = ' .:-=+*#%@'  # 10 levels; ' ' only for a weight of exactly 0 (a source the read cannot see)
+
+
+def parse_args(argv, defaults):
+    """The defaults overridden by --key=value flags. A value must parse as the default's type: an int is taken
+    where a float is expected, a bool is True/False/1/0, a string is used as written (it may contain '=')."""
+    cfg = dict(defaults)
+    for arg in argv:
+        key, eq, val = arg.removeprefix('--').partition('=')
+        if not arg.startswith('--') or not eq:
+            raise SystemExit(f'bad argument {arg!r}: expected --key=value')
+        if key not in cfg:
+            close = difflib.get_close_matches(key, cfg, n=3)
+            hint = f'did you mean {" or ".join("--" + k for k in close)}?' if close else 'known: ' + ', '.join(cfg)
+            raise SystemExit(f'unknown option --{key}; {hint}')
+        kind = type(cfg[key])
+        try:
+            if kind is bool and val.lower() not in ('true', 'false', '1', '0'):
+                raise ValueError(val)
+            cfg[key] = val.lower() in ('true', '1') if kind is bool else kind(val)
+        except ValueError:
+            raise SystemExit(f'--{key}={val!r}: expected {kind.__name__}, like the default {cfg[key]!r}') from None
+    return cfg
+
+
+def load_model(path, device):
+    """The model of a train.py checkpoint, in eval mode on device, and the checkpoint dict."""
+    if not os.path.isfile(path):
+        raise SystemExit(f'no checkpoint at {path}: train one with train.py, or point --out_dir or --ckpt at one')
+    try:
+        # to the CPU first: the optimizer state and the RNG states in the file need not go to the GPU
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        model = GPT(GPTConfig(**ckpt['model_args']))
+        model.load_state_dict(ckpt['model'], strict=True)  # the variant it was trained as: every key must fit
+    except Exception as e:  # a truncated file, not a checkpoint, weights that do not fit their model_args
+        why = ' '.join(str(e).split())[:800]  # torch's messages span lines and can list hundreds of keys
+        raise SystemExit(f'cannot load checkpoint {path}: {type(e).__name__}: {why}') from None
+    return model.to(device).eval(), ckpt
+
+
+def decode(enc, ids):
+    """Text of token ids. The model's vocabulary is GPT-2's 50257 tokens padded to 50304; the padding ids never
+    occur in the data, but an undertrained model can still sample them: they are shown as U+FFFD."""
+    pieces = (enc.decode_single_token_bytes(t) if t < enc.n_vocab else '\ufffd'.encode() for t in ids)
+    return b''.join(pieces).decode('utf-8', errors='replace')  # bytes first: a character may span tokens
+
+
+def format_heatmap(matrix, row_labels, col_labels, stats=None, vmax=None):
+    """A (R, S) matrix of weights as a terminal heatmap: a row per label, a 2-character cell per column shaded
+    with SHADES from ' ' (0) to '@' (vmax, default the largest weight); column labels run downwards above their
+    cells. stats = (max_w, entropy) from model.routing_stats adds those two numbers to each row."""
+    m = [[float(v) for v in row] for row in matrix]
+    vmax = vmax or max(max(row) for row in m) or 1.0
+    rw, ch = max(map(len, row_labels)), max(map(len, col_labels))
+    cols = [c.rjust(ch) for c in col_labels]
+    lines = [' ' * (rw + 1) + ''.join(c[i] + ' ' for c in cols) for i in range(ch)]  # line i: i-th characters
+    if stats:
+        lines[-1] += '   max   ent'
+    for r, (label, row) in enumerate(zip(row_labels, m)):
+        # the nearest of the 10 levels, but at least '.' above 0: ' ' marks exactly the sources a read cannot see
+        cells = ''.join(SHADES[min(9, max(round(v / vmax * 9), 1 if v > 0 else 0))] * 2 for v in row)
+        numbers = f'  {float(stats[0][r]):.2f}  {float(stats[1][r]):.2f}' if stats else ''
+        lines.append(f'{label:>{rw}} {cells}{numbers}')
+    lines.append(f"shades {SHADES!r}: 0 .. {vmax:.2f}")
+    if stats:
+        lines.append('max: mean largest weight per token; ent: mean entropy in nats (uniform over n sources: ln n)')
+    return '\n'.join(line.rstrip() for line in lines)
+
+
+def save_heatmap_png(matrix, row_labels, col_labels, path, title='', vmax=None):
+    """The same heatmap as a PNG. matplotlib is optional: it is imported here, and only its Figure (no pyplot,
+    no display needed)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError('a PNG heatmap needs matplotlib: pip install matplotlib') from None
+    m = [[float(v) for v in row] for row in matrix]
+    fig = Figure(figsize=(2 + 0.3 * len(col_labels), 1.5 + 0.3 * len(row_labels)))
+    ax = fig.subplots()
+    im = ax.imshow(m, cmap='viridis', vmin=0.0, vmax=vmax or max(max(row) for row in m), aspect='auto')
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=90)
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    ax.set(xlabel='source', ylabel='destination (routed read)', title=title)
+    fig.colorbar(im, ax=ax, label='weight')
+    fig.savefig(path, dpi=150, bbox_inches='tight')
+
+
+def main(argv=None):
+    c = SimpleNamespace(**parse_args(sys.argv[1:] if argv is None else argv, DEFAULTS))
+    if c.temperature <= 0 or c.top_k < 0:
+        raise SystemExit(f'expected --temperature > 0 and --top_k >= 0, got {c.temperature} and {c.top_k}')
+    if c.dtype not in ('float32', 'bfloat16', 'float16'):
+        raise SystemExit(f"--dtype={c.dtype!r}: expected 'float32', 'bfloat16' or 'float16'")
+    path = c.ckpt or os.path.join(c.out_dir, 'ckpt.pt')
+    model, ckpt = load_model(path, c.device)
+    mc, vl = model.config, ckpt.get('val_loss')
+    print(f'{path}: {mc.residual}, {model.get_num_params() / 1e6:.2f}M parameters, step {ckpt.get("step")}'
+          + (f', val loss {vl:.4f}' if isinstance(vl, float) else ''))
+    try:
+        enc = tiktoken.get_encoding('r50k_base')  # GPT-2's BPE, the ids the training data was written with
+    except Exception as e:
+        raise SystemExit(f"cannot load GPT-2's BPE (tiktoken 'r50k_base', downloaded on first use): {e}") from None
+    if c.start.startswith('FILE:'):
+        try:
+            with open(c.start[5:], encoding='utf-8') as f:
+                c.start = f.read()
+        except OSError as e:
+            raise SystemExit(f'cannot read the prompt file {c.start[5:]}: {e.strerror}') from None
+    ids = enc.encode(c.start, allowed_special={'<|endoftext|>'})
+    if not ids or max(ids) >= mc.vocab_size:
+        raise SystemExit(f'the prompt must be non-empty text with token ids < vocab_size={mc.vocab_size}')
+    x = torch.tensor(ids, dtype=torch.long, device=c.device)[None, ...]  # (1, T)
+
+    torch.manual_seed(c.seed)  # seeds the CPU and every GPU
+    ctx = torch.autocast(torch.device(c.device).type, dtype=getattr(torch, c.dtype), enabled=c.dtype != 'float32')
+    with torch.no_grad(), ctx:
+        for _ in range(c.num_samples):
+            y = model.generate(x, c.max_new_tokens, temperature=c.temperature, top_k=c.top_k or None)
+            print(decode(enc, y[0].tolist()))
+            print('---------------')
+        # the prompt's last block_size tokens: a longer prompt averages the weights over more tokens
+        show = c.routing or bool(c.routing_png)
+        w = model.routing_weights(x[:, -mc.block_size:]) if show else None
+    if not show:
+        return
+    if w is None:  # 'standard' and 'ddl' have a single stream: nothing is routed
+        print(f"routing: the '{mc.residual}' variant has no routing weights (only attnres and delta route)")
+        return
+    m = w.mean((2, 3)).cpu()  # (R, S, B, T) -> (R, S): the weights averaged over the prompt's tokens
+    rows, cols = model.routing_labels()
+    T = w.size(3)
+    title = f'{mc.residual} routing (res_block={mc.res_block}), mean over {T} prompt token' + 's' * (T > 1)
+    print(f'{title}; rows: destination, columns: source')
+    print(format_heatmap(m, rows, cols, stats=routing_stats(w.cpu())))
+    if c.routing_png:
+        try:
+            save_heatmap_png(m, rows, cols, c.routing_png, title)
+        except (ImportError, OSError) as e:
+            raise SystemExit(f'cannot save {c.routing_png}: {e}') from None
+        print(f'saved {c.routing_png}')
+
+
+if __name__ == '__main__':
+    main()
