@@ -35,6 +35,7 @@ defaults = dict(
     variants=','.join(VARIANTS), device='cuda', dtype='bfloat16', compile=True,
     batch_size=16, block_size=1024, n_layer=12, n_head=12, n_embd=768, vocab_size=50304,
     warmup=10, steps=30, seed=1337, json='bench.json',
+    profile=False,  # also write the top GPU kernels of 3 profiled steps per variant next to the JSON
     route_sources=24, route_tokens=16384, route_steps=50,  # 0 route_steps skips the micro-benchmark
 )
 
@@ -91,6 +92,14 @@ def bench_variant(name, cfg, device):
     tok_s = B * T / dt
     mfu = model.estimate_mfu(tok_s, peak_flops(device))
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda' else None
+    if cfg['profile']:
+        with torch.profiler.profile() as prof:
+            for _ in range(3):
+                step()
+            sync(device)
+        sort = 'cuda_time_total' if device.type == 'cuda' else 'cpu_time_total'
+        with open(cfg['json'].removesuffix('.json') + f'_profile_{name}.txt', 'w') as f:
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=90))
     return dict(variant=name, ms_per_step=1000 * dt, tok_per_s=tok_s, mfu=mfu, peak_mem_mb=peak_mb,
                 warmup_s=warmup_s, loss=loss.item(), params=model.get_num_params(),
                 flops_per_token=model.flops_per_token(), config=asdict(mcfg))

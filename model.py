@@ -131,7 +131,7 @@ class Standard(nn.Module):
 
 
 class DeepDelta(nn.Module):
-    """Deep Delta Learning: the state X (d x dv per token) is rewritten along k = out/|out| by a delta rule,
+    """Deep Delta Learning: the state X (d x dv per token, stored as (dv, d) so that d is contiguous) is rewritten along k = out/|out| by a delta rule,
         X <- X + beta * k (v^T - k^T X),  beta = 2 sigmoid(w_b . c + b_b) in (0, 2),  v = 4 sigmoid(W_v x_in + b_v).
     The readout error along k shrinks by (1 - beta); directions orthogonal to k are untouched; beta = 0 is the
     identity. v is read from the un-normalised x_in as in the paper's code (the paper's text says W_v c).
@@ -145,12 +145,12 @@ class DeepDelta(nn.Module):
         std = 0.5 / math.sqrt(d)  # the paper's code initialises these with N(0, 0.5/sqrt(d))
         self.w_b = nn.Parameter(torch.randn(2 * L, d) * std)  # gate: one row per sublayer
         self.b_b = nn.Parameter(torch.zeros(2 * L))          # logit(beta0/2) with beta0 = 1, the code's default
-        self.w_v = nn.Parameter(torch.randn(2 * L, d, dv) * std)
+        self.w_v = nn.Parameter(torch.randn(2 * L, dv, d) * std)
         self.b_v = nn.Parameter(torch.empty(2 * L, dv).uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d)))
         if dv > 1:
             # compress(X)[i] = sum_j W[i, j] X[i, j]; W = 1/dv makes compress(repeat(e)) == e at init. (The code
             # initialises W at random, which flips signs of x_in; we start from the mean the paper describes.)
-            self.compress = nn.Parameter(torch.full((L + 1, d, dv), 1.0 / dv))  # L layers + the final readout
+            self.compress = nn.Parameter(torch.full((L + 1, dv, d), 1.0 / dv))  # L layers + the final readout
             # Embedding conv: causal over time, kernel 4, each channel i of e feeds its own dv output channels.
             # Identity init (last tap 1) makes X0 = repeat(e).
             self.ec = nn.Parameter(torch.zeros(d * dv, 1, 4))
@@ -158,13 +158,13 @@ class DeepDelta(nn.Module):
 
     def start(self, e):
         if self.dv == 1:
-            return {'X': e.unsqueeze(-1)}  # (B, T, d, 1)
+            return {'X': e.unsqueeze(-2)}  # (B, T, 1, d)
         B, T, d = e.shape
         X = F.conv1d(F.pad(e.transpose(1, 2), (3, 0)), self.ec.to(e.dtype), groups=d)  # (B, d*dv, T), causal
-        return {'X': X.view(B, d, self.dv, T).permute(0, 3, 1, 2)}  # (B, d*dv, T) -> (B, T, d, dv)
+        return {'X': X.view(B, d, self.dv, T).permute(0, 3, 2, 1)}  # (B, d*dv, T) -> (B, T, dv, d)
 
     def _compress(self, X, i):
-        return X.squeeze(-1) if self.dv == 1 else (X * self.compress[i]).sum(-1)  # (B, T, d, dv) -> (B, T, d)
+        return X.squeeze(-2) if self.dv == 1 else (X * self.compress[i]).sum(-2)  # (B, T, dv, d) -> (B, T, d)
 
     def read(self, st, s):
         return self._compress(st['X'], s // 2)
@@ -174,9 +174,9 @@ class DeepDelta(nn.Module):
         k = out * torch.rsqrt(out.pow(2).sum(-1, keepdim=True) + self.eps_k ** 2)               # (B, T, d)
         # products written as multiply-and-sum, not matmul, so autocast keeps them in fp32
         beta = 2 * torch.sigmoid((wide(c) * self.w_b[s]).sum(-1) + self.b_b[s])                # (B, T)
-        v = 4 * torch.sigmoid((wide(h).unsqueeze(-1) * self.w_v[s]).sum(-2) + self.b_v[s])     # (B, T, dv)
-        r = (k.unsqueeze(-1) * X).sum(-2)                                                        # k^T X: (B, T, dv)
-        st['X'] = X + k.unsqueeze(-1) * (beta.unsqueeze(-1) * (v - r)).unsqueeze(-2)            # rank-1 write
+        v = 4 * torch.sigmoid((wide(h).unsqueeze(-2) * self.w_v[s]).sum(-1) + self.b_v[s])     # (B, T, dv)
+        r = (k.unsqueeze(-2) * X).sum(-1)                                                        # k^T X: (B, T, dv)
+        st['X'] = X + (beta.unsqueeze(-1) * (v - r)).unsqueeze(-1) * k.unsqueeze(-2)            # rank-1 write
 
     def final(self, st):
         return self._compress(st['X'], -1)

@@ -127,9 +127,10 @@ def test_flops_count_the_variant_work():
 # Deep Delta Learning: the delta rule (variants.md §6, 4-7)
 
 def ddl_write(stream, X, out, h, c, s=0):
-    st = {'X': X.clone()}
+    """One DDL update of the paper's state X (B, T, d, dv); the model stores it as (B, T, dv, d)."""
+    st = {'X': X.transpose(-1, -2).clone()}
     stream.write(st, s, out, h, c)
-    return st['X']
+    return st['X'].transpose(-1, -2)
 
 
 def ddl_inputs(dv, seed=0):
@@ -144,7 +145,7 @@ def test_ddl_delta_rule(dv):
     stream = DeepDelta(GPTConfig(n_layer=2, n_head=2, n_embd=32, residual='ddl', ddl_dv=dv)).double()
     X, out, h, c = ddl_inputs(dv)
     k = out / out.norm(dim=-1, keepdim=True)
-    v = 4 * torch.sigmoid(torch.einsum('btd,dj->btj', h, stream.w_v[0]) + stream.b_v[0])
+    v = 4 * torch.sigmoid(torch.einsum('btd,jd->btj', h, stream.w_v[0]) + stream.b_v[0])
     beta = 2 * torch.sigmoid(c @ stream.w_b[0] + stream.b_b[0])
     X1 = ddl_write(stream, X, out, h, c)
     kX, kX1 = torch.einsum('btd,btdj->btj', k, X), torch.einsum('btd,btdj->btj', k, X1)
@@ -167,7 +168,7 @@ def test_ddl_expanded_state_starts_as_the_embedding():
     model = make(residual='ddl', ddl_dv=4).double()
     e = torch.randn(2, T, 32, dtype=torch.float64)
     st = model.stream.start(e)
-    assert torch.equal(st['X'], e.unsqueeze(-1).expand(-1, -1, -1, 4))      # EC(e) == repeat(e)
+    assert torch.equal(st['X'], e.unsqueeze(-2).expand(-1, -1, 4, -1))      # EC(e) == repeat(e)
     for i in range(model.config.n_layer + 1):
         torch.testing.assert_close(model.stream._compress(st['X'], i), e)    # compress(repeat(e)) == e
 
@@ -183,15 +184,15 @@ def naive_ddl(model, idx):
         for t in range(e.size(1)):
             for tau in range(4):
                 if t - 3 + tau >= 0:
-                    X[:, t] += p.ec[:, 0, tau].view(-1, dv) * e[:, t - 3 + tau, :, None]
-    compress = lambda X, i: X[..., 0] if dv == 1 else torch.einsum('btdj,dj->btd', X, p.compress[i])
+                    X[:, t] += p.ec[:, 0, tau].view(-1, dv) * e[:, t - 3 + tau, :, None]  # channel i*dv + j
+    compress = lambda X, i: X[..., 0] if dv == 1 else torch.einsum('btdj,jd->btd', X, p.compress[i])
     for s, (norm, f) in enumerate(model.sublayers()):
         x_in = compress(X, s // 2)
         c = norm(x_in)
         out = f(c)
         k = out / torch.sqrt((out ** 2).sum(-1, keepdim=True) + 1e-10)
         beta = 2 * torch.sigmoid(c @ p.w_b[s] + p.b_b[s])
-        v = 4 * torch.sigmoid(x_in @ p.w_v[s] + p.b_v[s])
+        v = 4 * torch.sigmoid(x_in @ p.w_v[s].t() + p.b_v[s])
         X = X + beta[..., None, None] * k[..., :, None] * (v[..., None, :] - torch.einsum('btd,btdj->btj', k, X)[..., None, :])
     return model.lm_head(model.transformer.ln_f(compress(X, -1)))
 

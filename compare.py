@@ -1,0 +1,187 @@
+"""
+Train every residual variant with the same data order, token budget, seed and hyperparameters, evaluate all
+on the same validation tokens, and write a table and plots.
+
+  python compare.py --data_dir=data/fineweb10B                         # configs/compare_*.py as they are
+  python compare.py --data_dir=data/sample --gpus=0,1,2,3 --max_iters=220 --eval_interval=20   # smaller
+  python compare.py --report_only=True --out_dir=out-compare           # redo table and plots from the logs
+
+Runs go through train.py (one process per run; with --gpus, one run per listed GPU at a time). A finished run
+is not trained again, so an interrupted comparison picks up where it stopped. Every key that compare.py does
+not know is passed to every run (--max_iters=..., --batch_size=...). Output in out_dir: results.md,
+results.json, loss_curves.png, routing_<run>.png, routing_max.png (the plots need matplotlib).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+RUNS = ['standard', 'ddl', 'ddl_dv4', 'attnres', 'attnres_block', 'delta', 'delta_block']
+defaults = dict(
+    out_dir='out-compare', data_dir='data/fineweb10B',
+    runs=','.join(RUNS),
+    seeds=1,                        # seeds per variant ...
+    extra_seeds='standard,delta',   # ... and these variants get a second seed, to show the run-to-run noise
+    gpus='',                        # e.g. '0,1,2,3': one run per GPU at a time; '' = one run at a time
+    report_only=False,
+    routing_tokens=16,              # sequences of val tokens over which the routing weights are averaged
+)
+
+
+def parse(argv):
+    cfg, passthrough = dict(defaults), []
+    for arg in argv:
+        key, _, val = arg.removeprefix('--').partition('=')
+        if key in cfg:
+            cfg[key] = val.lower() in ('1', 'true') if isinstance(cfg[key], bool) else type(cfg[key])(val)
+        else:
+            passthrough.append(arg)  # train.py checks these: an unknown key fails the first run at once
+    return cfg, passthrough
+
+
+def run_list(cfg):
+    seeds = {name: cfg['seeds'] + (name in cfg['extra_seeds'].split(',')) for name in cfg['runs'].split(',')}
+    return [(name, 1337 + k) for name in seeds for k in range(seeds[name])]
+
+
+def run_dir(cfg, name, seed):
+    return os.path.join(cfg['out_dir'], f'{name}_s{seed}')
+
+
+def launch(cfg, passthrough):
+    """Train the runs that have not finished, keeping each listed GPU busy with one run."""
+    gpus = cfg['gpus'].split(',') if cfg['gpus'] else [None]
+    todo = [r for r in run_list(cfg) if not finished(run_dir(cfg, *r))]
+    running = {}  # gpu -> (process, run)
+    while todo or running:
+        for gpu in gpus:
+            if gpu not in running and todo:
+                name, seed = todo.pop(0)
+                d = run_dir(cfg, name, seed)
+                os.makedirs(d, exist_ok=True)
+                cmd = [sys.executable, 'train.py', f'configs/compare_{name}.py', f'--out_dir={d}',
+                       f'--data_dir={cfg["data_dir"]}', f'--seed={seed}', *passthrough]
+                env = dict(os.environ, **({'CUDA_VISIBLE_DEVICES': gpu} if gpu is not None else {}))
+                print(f'[gpu {gpu}] {" ".join(cmd)}', flush=True)
+                with open(os.path.join(d, 'stdout.txt'), 'w') as out:
+                    running[gpu] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), (name, seed)
+        for gpu, (proc, run) in list(running.items()):
+            if proc.poll() is not None:
+                del running[gpu]
+                print(f'[gpu {gpu}] {run[0]} seed {run[1]}: exit {proc.returncode}', flush=True)
+                if proc.returncode != 0:
+                    print(open(os.path.join(run_dir(cfg, *run), 'stdout.txt')).read()[-2000:])
+        time.sleep(1)
+
+
+def read_log(d):
+    """The config and the step lines of a run's log.jsonl (empty if there is none)."""
+    path = os.path.join(d, 'log.jsonl')
+    if not os.path.exists(path):
+        return None, []
+    lines = [json.loads(line) for line in open(path)]
+    return lines[0].get('config'), [line for line in lines[1:] if 'step' in line]
+
+
+def finished(d):
+    cfg, steps = read_log(d)
+    return bool(steps) and steps[-1]['step'] >= cfg['max_iters'] and steps[-1].get('val_loss') is not None
+
+
+@torch.no_grad()
+def mean_routing(d, data_dir, n_seq):
+    """A run's final model on the first n_seq val sequences: the routing weights averaged over tokens (R, S), the
+    per-token largest weight averaged over tokens (R,), and the labels of reads and sources."""
+    from prepare import list_shards, load_shard
+    from sample import load_model
+    from model import routing_stats
+    model, _ = load_model(os.path.join(d, 'ckpt.pt'), 'cuda' if torch.cuda.is_available() else 'cpu')
+    T = model.config.block_size
+    val = load_shard(list_shards(data_dir, 'val')[0])
+    idx = torch.from_numpy(val[:n_seq * T].astype('int64')).view(n_seq, T).to(next(model.parameters()).device)
+    w = model.routing_weights(idx)
+    return None if w is None else (w.mean((2, 3)).cpu(), routing_stats(w)[0].cpu(), *model.routing_labels())
+
+
+def report(cfg):
+    rows, curves, routing = [], {}, {}
+    for name, seed in run_list(cfg):
+        d = run_dir(cfg, name, seed)
+        rcfg, steps = read_log(d)
+        evals = [s for s in steps if s.get('val_loss') is not None]
+        if not evals:
+            continue
+        timed = [s['tok_per_s'] for s in steps[len(steps) // 4:] if s.get('tok_per_s')]  # after warm-up
+        ckpt = torch.load(os.path.join(d, 'ckpt.pt'), map_location='cpu', weights_only=True)
+        rows.append(dict(run=name, seed=seed, val_loss=evals[-1]['val_loss'], tokens=evals[-1]['tokens'],
+                         tok_per_s=sum(timed) / max(len(timed), 1),
+                         params=sum(v.numel() for k, v in ckpt['model'].items() if k != 'lm_head.weight')))
+        curves[(name, seed)] = [(s['tokens'], s['val_loss']) for s in evals]
+        if seed == 1337:
+            routing[name] = mean_routing(d, cfg['data_dir'], cfg['routing_tokens'])
+    base = [r['val_loss'] for r in rows if r['run'] == 'standard']
+    base = sum(base) / len(base) if base else None
+    lines = ['| variant | seed | val loss | perplexity | vs standard (mean) | tok/s | params |',
+             '|---|---|---|---|---|---|---|']
+    for r in rows:
+        diff = f'{r["val_loss"] - base:+.4f}' if base is not None else '-'
+        lines.append(f'| {r["run"]} | {r["seed"]} | {r["val_loss"]:.4f} | {math.exp(r["val_loss"]):.2f} | {diff} '
+                     f'| {r["tok_per_s"]:,.0f} | {r["params"] / 1e6:.2f}M |')
+    table = '\n'.join(lines)
+    print(table)
+    os.makedirs(cfg['out_dir'], exist_ok=True)
+    with open(os.path.join(cfg['out_dir'], 'results.md'), 'w') as f:
+        f.write(table + '\n')
+    with open(os.path.join(cfg['out_dir'], 'results.json'), 'w') as f:
+        json.dump(dict(rows=rows, curves={f'{k[0]}_s{k[1]}': v for k, v in curves.items()},
+                       routing={k: dict(weights=v[0].tolist(), max_weight=v[1].tolist(), dests=v[2], sources=v[3])
+                                for k, v in routing.items() if v is not None}), f, indent=1)
+    plots(cfg['out_dir'], curves, routing)
+
+
+def plots(out_dir, curves, routing):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print('plots skipped: pip install matplotlib')
+        return
+    from sample import save_heatmap_png
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    for (name, seed), pts in curves.items():
+        ax.plot([t / 1e6 for t, _ in pts], [v for _, v in pts], label=f'{name} (seed {seed})',
+                linestyle='-' if seed == 1337 else '--')
+    ax.set(xlabel='training tokens (M)', ylabel='val loss', title='validation loss')
+    last = [pts[-1][1] for pts in curves.values()]
+    ax.set_ylim(min(last) - 0.05, max(last) + 0.6)  # the end of training, where the variants differ
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.savefig(os.path.join(out_dir, 'loss_curves.png'), dpi=120, bbox_inches='tight')
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
+    for name, v in routing.items():
+        if v is None:
+            continue
+        w, maxw, dests, srcs = v
+        save_heatmap_png(w, dests, srcs, os.path.join(out_dir, f'routing_{name}.png'), title=f'{name}: mean weights')
+        ax.plot(range(len(dests)), maxw.tolist(), marker='o', label=name)
+    ax.set(xlabel='routed read (sublayer, in order)', ylabel='max weight per token (mean)', title='routing sharpness')
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(os.path.join(out_dir, 'routing_max.png'), dpi=120, bbox_inches='tight')
+
+
+def main(argv=None):
+    cfg, passthrough = parse(sys.argv[1:] if argv is None else argv)
+    if not cfg['report_only']:
+        launch(cfg, passthrough)
+    report(cfg)
+
+
+if __name__ == '__main__':
+    main()
