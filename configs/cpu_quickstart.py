@@ -1,0 +1,31 @@
+"""
+Quick start on a laptop CPU: a 4-layer, 128-wide GPT trained for a few minutes, then sampled.
+
+  python prepare.py                                    # data/fineweb10B: FineWeb val + 1 train shard, 400 MB
+  python train.py configs/cpu_quickstart.py            # 300 steps, about 5 minutes on 2 CPU cores
+  python sample.py --out_dir=out-quickstart --device=cpu --start="The meaning of life is"
+
+Any text of your own works too: `python prepare.py --text book.txt --name book` writes data/book/, then add
+--data_dir=data/book. The samples will be mostly word salad: this run checks that everything works end to end,
+it does not make a good language model.
+"""
+out_dir = 'out-quickstart'
+data_dir = 'data/fineweb10B'
+device = 'cpu'
+compile = False
+# model: 4 x 128 is 0.8M parameters in the layers; the 50304 x 128 token embedding (6.4M) dominates
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 128
+# 16 sequences x 128 tokens = 2,048 tokens per step, no grad accumulation; 300 steps = 614,400 tokens
+total_batch_size = 16 * 128
+batch_size = 16
+max_iters = 300
+warmup_iters = 30
+learning_rate = 2e-3  # a small model takes a larger learning rate than GPT-2 124M's 6e-4
+min_lr = 2e-4
+# eval on 32,768 val tokens (256 sequences) every 100 steps: a few seconds each on a CPU
+val_tokens = 32_768
+eval_interval = 100
+log_interval = 10

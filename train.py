@@ -1,0 +1,544 @@
+"""
+Train a GPT with any residual stream of model.py on token shards written by prepare.py.
+Runs on a CPU, one GPU, or several GPUs with DDP; resumes exactly; logs what it measured.
+
+  python train.py configs/cpu_quickstart.py                                  # CPU, a few minutes
+  python train.py configs/gpt2_124m.py                                       # one GPU
+  python train.py configs/gpt2_124m.py --batch_size=8 --compile=False        # with overrides
+  torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m_ddp.py # 8 GPUs of one node
+  python train.py --out_dir=out-gpt2-124m --init_from=resume                 # go on where it stopped
+
+Configuration: the defaults in `Config` below, then each config file (plain `name = value` lines, read with
+ast, never executed) and `--key=value` override, in the order given; the later one wins. `--help` lists them.
+A resumed run starts from the config in its checkpoint instead of the defaults.
+Output in out_dir: ckpt.pt (the latest checkpoint) and log.jsonl (the config, then one line per logged step).
+"""
+import ast
+import difflib
+import inspect
+import json
+import math
+import operator
+import os
+import sys
+import textwrap
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from importlib.util import find_spec
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from model import GPT, GPTConfig, peak_flops, routing_stats
+from prepare import ShardError, list_shards, load_shard
+
+# -----------------------------------------------------------------------------
+# default config values: GPT-2 124M on FineWeb 10B, one GPU
+
+@dataclass
+class Config:
+    # I/O
+    out_dir: str = 'out'
+    data_dir: str = 'data/fineweb10B'  # *_train_*.bin and *_val_*.bin shards from prepare.py
+    init_from: str = 'scratch'     # 'scratch', 'resume' (from out_dir), or another run's ckpt.pt or out_dir
+    eval_interval: int = 250       # evaluate, then write the checkpoint, every this many steps
+    eval_iters: int = 0            # cap on val batches per rank, for a quick look; 0 = the whole val set
+    val_tokens: int = 10_485_760   # val set = the first tokens of the val shard (as the speedrun); fewer if short
+    log_interval: int = 10         # steps between lines of log.jsonl
+    # model: the fields of model.GPTConfig
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50304        # GPT-2's 50257 padded up to a multiple of 64
+    dropout: float = 0.0
+    bias: bool = False
+    residual: str = 'standard'     # 'standard', 'ddl', 'attnres' or 'delta'
+    res_block: int = 0             # attnres/delta: 0 routes over every sublayer, S > 0 over blocks of S sublayers
+    ddl_dv: int = 1                # ddl: value channels of the state (1 = a vector stream)
+    delta_gate: bool = False       # delta: the routed term is scaled by a learned gate that starts at 0
+    # batch: tokens per step = batch_size * block_size * grad accumulation * world size
+    total_batch_size: int = 524_288  # 2**19 tokens per optimizer step, GPT-2 124M's batch in llm.c
+    batch_size: int = 16           # micro-batch per rank, in sequences; lower it if memory runs out
+    # AdamW and the learning-rate schedule
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5
+    max_iters: int = 19_073        # optimizer steps: 19,073 * 524,288 = 10.0B tokens
+    lr_schedule: str = 'cosine'    # 'cosine' decay after warmup, or 'wsd': warmup, stable, then linear decay
+    warmup_iters: int = 700
+    cooldown_frac: float = 0.2     # wsd: the last fraction of the steps, which decays linearly to min_lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0         # clip the global gradient norm at this value; 0 = off
+    routing_lr_mult: float = 1.0   # LR multiplier for the variant's own parameters (queries, gates)
+    # system
+    device: str = 'auto'           # 'auto' = cuda if available, else mps, else cpu; or e.g. 'cuda:1'
+    dtype: str = 'auto'            # 'auto' = bfloat16 on GPUs that have it, else float32; or float16
+    compile: bool = True           # torch.compile on CUDA; CPU and MPS always run eager
+    seed: int = 1337
+
+
+MODEL_KEYS = [f.name for f in fields(GPTConfig)]  # the keys of Config that build the model
+BACKBONE_KEYS = ['n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'bias']  # shared by all variants
+TYPES = {f.name: f.type for f in fields(Config)}
+# arithmetic that a config value may use, so that a config can show it: total_batch_size = 32 * 1024 * 16
+OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+       ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+class ConfigError(ValueError):
+    """Bad configuration or checkpoint; the message names the file or key and what was expected."""
+
+
+def literal(node, where):
+    """The value of an ast node that is a number, string, True/False, or arithmetic on numbers."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float, str, bool):
+        return node.value
+    if type(getattr(node, 'op', None)) in OPS:  # -x, or x op y
+        operands = [node.operand] if isinstance(node, ast.UnaryOp) else [node.left, node.right]
+        args = [literal(a, where) for a in operands]
+        if all(type(a) in (int, float) for a in args):  # no 'a' * 3, no True + 1
+            return OPS[type(node.op)](*args)
+    raise ConfigError(f'{where}: expected a number, string, True/False or arithmetic on numbers, '
+                      f'got `{ast.unparse(node)}`')
+
+
+def set_value(cfg, key, value, where):
+    """Store value under key after checking its type against the default's; an int is fine for a float."""
+    if key not in TYPES:  # most unknown keys are typos: suggest the nearest names
+        close = difflib.get_close_matches(key, TYPES, n=3)
+        raise ConfigError(f'{where}: unknown config key {key!r}; '
+                          + (f'did you mean {" or ".join(close)}?' if close else 'see `python train.py --help`'))
+    if TYPES[key] is float and type(value) is int:  # learning_rate=1 means 1.0
+        value = float(value)
+    if type(value) is not TYPES[key]:  # exact: True is not an int here, and 1.5 is not an int
+        raise ConfigError(f'{where}: {key} expects {TYPES[key].__name__}, got {value!r} ({type(value).__name__})')
+    cfg[key] = value
+
+
+def read_config_file(path):
+    """The `name = value` lines of a config file, as [(name, value, 'file:line')]. Nothing is executed."""
+    try:  # parsed, never run: a config file cannot import, call, or set anything but known keys
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+    except OSError as e:
+        raise ConfigError(f'cannot read config file {path}: {e.strerror}') from None
+    except SyntaxError as e:
+        raise ConfigError(f'{path}:{e.lineno}: syntax error: {e.msg}') from None
+    out = []
+    for node in tree.body:
+        where = f'{path}:{node.lineno}'
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ConfigError(f'{where}: a config file holds only `name = value` lines, got `{ast.unparse(node)}`')
+        out.append((node.targets[0].id, literal(node.value, where), where))
+    return out
+
+
+def parse_config(argv, base=None):
+    """The Config given by base (a dict such as a checkpoint's config; None = the defaults), then by argv's
+    config files and --key=value overrides in order. Raises ConfigError naming the file or argument at fault."""
+    cfg = {**asdict(Config()), **{k: v for k, v in (base or {}).items() if k in TYPES}}
+    for arg in argv:
+        if not arg.startswith('--'):
+            for key, value, where in read_config_file(arg):
+                set_value(cfg, key, value, where)
+            continue
+        key, eq, raw = arg[2:].partition('=')  # split at the first '=': a value may hold more of them
+        where = f'argument {arg}'
+        if not eq:
+            raise ConfigError(f'{where}: expected --key=value')
+        kind = TYPES.get(key, str)  # an unknown key is reported by set_value
+        if kind is str:
+            value = raw  # strings need no quotes: --out_dir=out/run1
+        elif kind is bool and raw.lower() in ('true', 'false'):
+            value = raw.lower() == 'true'
+        else:  # numbers, with the same literal rules as in a config file
+            try:
+                value = literal(ast.parse(raw, mode='eval').body, where)
+            except SyntaxError:
+                raise ConfigError(f'{where}: cannot read {raw!r} as a {kind.__name__}') from None
+        set_value(cfg, key, value, where)
+    c = Config(**cfg)
+    # values that type-check but make no sense; the model's own fields are checked by GPTConfig below
+    checks = [('lr_schedule', c.lr_schedule in ('cosine', 'wsd'), "'cosine' or 'wsd'"),
+              ('dtype', c.dtype in ('auto', 'float32', 'bfloat16', 'float16'), 'auto, float32, bfloat16 or float16'),
+              ('cooldown_frac', 0 <= c.cooldown_frac <= 1, 'in [0, 1]')]
+    checks += [(k, getattr(c, k) > 0, '> 0') for k in
+               ('batch_size', 'total_batch_size', 'eval_interval', 'log_interval', 'val_tokens')]
+    checks += [(k, getattr(c, k) >= 0, '>= 0') for k in ('max_iters', 'warmup_iters', 'eval_iters', 'grad_clip')]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f'{key}={getattr(c, key)!r}: expected {expected}')
+    try:
+        GPTConfig(**model_args(c))  # e.g. residual='resnet' or n_embd not divisible by n_head
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return c
+
+
+def model_args(cfg):
+    """The GPTConfig fields of cfg: what a checkpoint stores as 'model_args'."""
+    return {k: getattr(cfg, k) for k in MODEL_KEYS}
+
+# -----------------------------------------------------------------------------
+# data: sequential reads of uint16 token shards
+
+class DataLoader:
+    """Batches read in order from a list of uint16 token arrays (the train shards).
+    At each micro-step the ranks together take the next B*T*world tokens of the current shard (+1 for the
+    last target) and rank r reads the r-th part, so ranks never see the same tokens. A shard's tail too short
+    for a whole micro-step is skipped; the first shard follows the last. The position (shard, pos) is the
+    same on every rank, so rank 0's is all a checkpoint needs, whatever the world size on resume."""
+
+    def __init__(self, shards, B, T, rank=0, world=1, names=None):
+        self.shards, self.B, self.T, self.rank = shards, B, T, rank
+        self.span = B * T * world  # tokens that the whole world reads per micro-step
+        for i, s in enumerate(shards):  # a shard shorter than one micro-step would never be read
+            if len(s) < self.span + 1:
+                raise ConfigError(f'{names[i] if names else f"shard {i}"} has {len(s):,} tokens, fewer than one '
+                                  f'micro-step needs: batch_size * block_size * world + 1 = {self.span + 1:,}')
+        self.shard, self.pos = 0, 0
+
+    def next_batch(self):
+        """This rank's next window of B*T + 1 tokens: the inputs are [:-1], the targets [1:]."""
+        if self.pos + self.span + 1 > len(self.shards[self.shard]):  # the world's next window doesn't fit
+            self.shard, self.pos = (self.shard + 1) % len(self.shards), 0
+        start = self.pos + self.rank * self.B * self.T  # rank r: the r-th B*T tokens of the world's window
+        self.pos += self.span  # the same on every rank
+        return self.shards[self.shard][start: start + self.B * self.T + 1]
+
+    def state(self):
+        return {'shard': self.shard, 'pos': self.pos}
+
+    def load_state(self, state):  # the modulo: a resumed run may have fewer shards
+        self.shard, self.pos = state['shard'] % len(self.shards), state['pos']
+
+
+def to_batch(window, T, device):
+    """A window of n*T + 1 tokens -> inputs x and next-token targets y, both (n, T) int64 on device."""
+    buf = torch.from_numpy(window.astype(np.int64))  # uint16 -> int64 token ids (a copy, off the memmap)
+    x, y = buf[:-1].view(-1, T), buf[1:].view(-1, T)  # y is x shifted by one: each position predicts the next
+    if device.startswith('cuda'):  # from pinned memory, the copy to the GPU runs asynchronously
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+# -----------------------------------------------------------------------------
+# learning rate, evaluation, checkpoints
+
+def get_lr(step, cfg):
+    """Learning rate of optimizer step `step` (0-based): a linear warmup, then a cosine from learning_rate to
+    min_lr, or for 'wsd' a flat stretch and then a linear decay over the last cooldown_frac of the steps.
+    Both reach min_lr at the last step, max_iters - 1."""
+    if step < cfg.warmup_iters:  # (step + 1): the first step already learns, at learning_rate / warmup_iters
+        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+    last = cfg.max_iters - 1
+    if cfg.lr_schedule == 'cosine':
+        progress = min(1.0, (step - cfg.warmup_iters) / max(1, last - cfg.warmup_iters))  # 0 -> 1
+        return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+    # wsd: e.g. 1,000 steps with cooldown_frac 0.2 hold learning_rate until step 800, then decay linearly
+    decay_start = max(cfg.warmup_iters, cfg.max_iters - round(cfg.cooldown_frac * cfg.max_iters))
+    progress = min(1.0, max(0, step - decay_start) / max(1, last - decay_start))
+    return cfg.learning_rate - progress * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, val, n_seq, cfg, rank, world, device, ctx):
+    """Mean loss per token on the fixed val set: the first n_seq sequences of block_size tokens of the val
+    shard. Rank r takes the r-th contiguous share, in micro-batches of batch_size; the loss sums and token
+    counts are all-reduced, so the result depends on neither batch_size nor the world size."""
+    T, B = cfg.block_size, cfg.batch_size
+    lo, hi = rank * n_seq // world, (rank + 1) * n_seq // world  # e.g. 10,240 sequences, 8 ranks: 1,280 each
+    if cfg.eval_iters:  # a quick look: fewer batches, so the number depends on batch_size and world size
+        hi = min(hi, lo + cfg.eval_iters * B)
+    totals = torch.zeros(2, dtype=torch.float64)  # (sum of per-token losses, number of tokens)
+    model.eval()
+    for s in range(lo, hi, B):
+        x, y = to_batch(val[s * T: min(s + B, hi) * T + 1], T, device)  # the last batch may be smaller
+        with ctx:
+            _, loss = model(x, y)
+        totals += torch.tensor([loss.item() * y.numel(), y.numel()])  # loss is a mean over y's tokens
+    model.train()
+    if world > 1:
+        totals = totals.to(device)  # NCCL reduces GPU tensors only
+        dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
+
+
+def save_checkpoint(ckpt, path):
+    """Write to a temporary file, fsync it, then rename it over path. The rename is atomic, so a crash at
+    any moment leaves either the previous checkpoint or the new one, never a torn file."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes reach the disk before the rename makes them the checkpoint
+    os.replace(tmp, path)
+    if hasattr(os, 'O_DIRECTORY'):  # POSIX: make the rename itself durable too
+        fd = os.open(os.path.dirname(path) or '.', os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+def load_checkpoint(path):
+    """A checkpoint (path: ckpt.pt or its folder), loaded on the CPU with weights_only=True: tensors and plain
+    values only, so that loading a file cannot run code."""
+    path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise ConfigError(f'no checkpoint at {path}')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # a torn or foreign file: say which file, not just the unpickler's complaint
+        raise ConfigError(f'{path} is not a readable checkpoint: {e}') from None
+    missing = {'model', 'model_args', 'config', 'step'} - set(ckpt if isinstance(ckpt, dict) else {})  # e.g. nanoGPT's
+    if missing:
+        raise ConfigError(f'{path} is not a checkpoint of train.py: no {", ".join(sorted(missing))}')
+    return ckpt
+
+
+def log_step(line):
+    """The step of a line of log.jsonl (-1 for a config line); inf for a line cut short by a crash."""
+    try:
+        return json.loads(line).get('step', -1)
+    except json.JSONDecodeError:
+        return math.inf
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if '-h' in argv or '--help' in argv:
+        print(__doc__ + '\n' + inspect.getsource(Config))
+        return
+    ddp = 'RANK' in os.environ  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+    try:
+        train(argv, ddp)
+    except (ConfigError, ShardError) as e:
+        raise SystemExit(f'error: {e}') from None  # a clear message and exit status 1, no traceback
+    finally:
+        if ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(argv, ddp):
+    cfg = parse_config(argv)
+    ckpt_path, log_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'log.jsonl')
+    ckpt = None
+    if cfg.init_from == 'resume':  # the checkpoint's config is the base; files and overrides given now win
+        ckpt = load_checkpoint(ckpt_path)
+        cfg = parse_config(argv, base={**ckpt['config'], 'out_dir': cfg.out_dir})
+    elif os.path.exists(ckpt_path):  # never overwrite a run by accident
+        raise ConfigError(f'{ckpt_path} exists; continue it with --init_from=resume, or choose another out_dir')
+
+    # device and precision. Under torchrun: one process per GPU (NCCL), or CPU processes (gloo)
+    rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
+    device = cfg.device if cfg.device != 'auto' else (
+        'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu')
+    if ddp and device.startswith('cuda'):
+        device = f'cuda:{local_rank}'  # one GPU per process
+        torch.cuda.set_device(device)
+    device_type = torch.device(device).type  # cuda, mps or cpu
+    if ddp:
+        if device_type not in ('cuda', 'cpu'):
+            raise ConfigError(f'device={device}: DDP runs on cuda (NCCL) or cpu (gloo)')
+        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
+    master, say = rank == 0, (tqdm.write if rank == 0 else lambda *a: None)  # rank 0 prints, logs and saves
+    dtype, why = cfg.dtype, 'set'
+    if cfg.dtype == 'auto':
+        bf16 = device_type == 'cuda' and torch.cuda.is_bf16_supported()  # Ampere and newer
+        dtype, why = ('bfloat16', 'auto: this GPU has bf16') if bf16 else ('float32', f'auto: {device_type}')
+    if dtype == 'float16' and device_type != 'cuda':
+        raise ConfigError(f'dtype=float16 needs a CUDA device (its loss scaler is CUDA-only), got {device}')
+    # autocast runs the matmuls in bf16/fp16 while weights and optimizer state stay fp32. fp16 also needs
+    # a loss scaler against gradient underflow; disabled, the scaler does nothing
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    scaler = torch.amp.GradScaler('cuda', enabled=(dtype == 'float16'))
+    if device_type == 'cuda':  # TF32 for the fp32 matmuls that remain: ~3x fp32 speed on Ampere and newer
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; DDP copies rank 0's initial weights to all
+
+    # batch: the total is fixed in tokens, and grad accumulation makes up what the ranks don't
+    micro = cfg.batch_size * cfg.block_size * world  # e.g. 32 * 1,024 * 8 GPUs = 262,144 tokens
+    if cfg.total_batch_size % micro:
+        raise ConfigError(f'total_batch_size={cfg.total_batch_size:,} is not a multiple of batch_size * block_size '
+                          f'* world size = {cfg.batch_size} * {cfg.block_size} * {world} = {micro:,}')
+    accum = cfg.total_batch_size // micro  # e.g. 524,288 / 262,144 = 2 micro-steps per optimizer step
+
+    # data: the train shards, read in order, and the fixed val set
+    train_paths = list_shards(cfg.data_dir, 'train')
+    loader = DataLoader([load_shard(p) for p in train_paths], cfg.batch_size, cfg.block_size, rank, world, train_paths)
+    val_path = list_shards(cfg.data_dir, 'val')[0]
+    val = load_shard(val_path)
+    n_val = min(cfg.val_tokens, len(val) - 1) // cfg.block_size  # whole sequences; the +1 is the last target
+    if n_val == 0:
+        raise ConfigError(f'{val_path} has {len(val)} tokens; the val set needs block_size + 1 = {cfg.block_size + 1}')
+
+    # model: from scratch, resumed, or the backbone of another run's checkpoint (of any variant)
+    model = GPT(GPTConfig(**model_args(cfg)))
+    src = ckpt or (load_checkpoint(cfg.init_from) if cfg.init_from != 'scratch' else None)
+    if src:
+        # a resumed model must match in every field but dropout; a converted one in its backbone, where the
+        # number of heads and the block size would not show in every weight's shape
+        keys = [k for k in MODEL_KEYS if k != 'dropout'] if ckpt else BACKBONE_KEYS
+        diff = '; '.join(f'{k}: checkpoint {src["model_args"].get(k)!r}, config {getattr(cfg, k)!r}'
+                         for k in keys if src['model_args'].get(k) != getattr(cfg, k))
+        try:
+            if diff:
+                raise ValueError(diff)
+            left = model.load_state_dict(src['model']) if ckpt else model.load_backbone(src['model'])
+        except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's missing or unexpected keys
+            raise ConfigError(f'cannot load {ckpt_path if ckpt else cfg.init_from} into this model: {e}') from None
+    if src and not ckpt:  # a conversion: the data goes on with the train tokens that the source has not seen
+        loader.load_state(src['data'])
+        say(f'loaded the backbone of {cfg.init_from} (residual={src["model_args"]["residual"]}, step {src["step"]}, '
+            f'val loss {src["val_loss"]}); at init: {", ".join(left) or "nothing"}')
+    model.to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           device_type, cfg.routing_lr_mult)
+    step = tokens = 0
+    if ckpt:  # everything else it takes to go on exactly as if never stopped
+        optimizer.load_state_dict(ckpt['optimizer'])  # AdamW's moments
+        if ckpt['scaler']:  # empty unless the run used float16
+            scaler.load_state_dict(ckpt['scaler'])
+        step, tokens = ckpt['step'], ckpt['tokens']  # tokens: total_batch_size may change on resume
+        loader.load_state(ckpt['data'])  # the next batch is the one the interrupted run would have read
+        if len(ckpt['rng']) == world:  # one state per rank; dropout draws from them
+            torch.set_rng_state(ckpt['rng'][rank]['torch'])
+            if device_type == 'cuda' and ckpt['rng'][rank]['cuda'] is not None:  # None: saved on a CPU run
+                torch.cuda.set_rng_state(ckpt['rng'][rank]['cuda'], device)
+        else:
+            say(f'note: {len(ckpt["rng"])} RNG states for {world} ranks: dropout masks differ from an unbroken run')
+    resumed_at = saved_at = step if ckpt else None
+    del ckpt, src  # free the CPU copies of the weights
+
+    # compile and wrap. raw_model stays the plain module: its state_dict has no '_orig_mod.' or 'module.'
+    raw_model, compiled = model, 'off'
+    if cfg.compile and device_type != 'cuda':
+        compiled = f'off ({device_type} runs eager)'
+    elif cfg.compile and (sys.platform == 'win32' or find_spec('triton') is None):  # compile needs triton on CUDA
+        compiled = 'off (no triton: not installed, or Windows; running eager)'
+    elif cfg.compile:
+        model, compiled = torch.compile(model), 'on'
+    eval_model = model  # eval needs no DDP wrapper: there are no gradients to synchronise
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+    # what this run is, derived: printed once, before the first step
+    peak = peak_flops(device)  # dense bf16 FLOP/s of this GPU; None on CPU, MPS or an unknown GPU (no MFU)
+    gpu = f' ({torch.cuda.get_device_name(device)})' if device_type == 'cuda' else ''
+    say(f'device {device}{gpu} x {world}; dtype {dtype} ({why}); compile {compiled}')
+    say(f'model: residual={cfg.residual}, {raw_model.get_num_params() / 1e6:.2f}M parameters, '
+        f'{raw_model.flops_per_token() / 1e6:,.1f} MFLOP/token; peak {f"{peak:.3g} FLOP/s" if peak else "unknown"}')
+    say(f'batch: {cfg.total_batch_size:,} tokens/step = {cfg.batch_size} B x {cfg.block_size} T x {accum} accum x '
+        f'{world} ranks; {cfg.max_iters:,} steps = {cfg.max_iters * cfg.total_batch_size:,} tokens')
+    say(f'data: {len(train_paths)} train shard(s); val = {n_val * cfg.block_size:,} tokens of {val_path}'
+        + (f', at most {cfg.eval_iters} batches per rank' if cfg.eval_iters else ''))
+    say('config: ' + textwrap.fill(' '.join(f'--{k}={v}' for k, v in asdict(cfg).items()), 110,
+                                   subsequent_indent='  ', break_on_hyphens=False))  # the run, as arguments
+
+    # log.jsonl: the config first. A resumed run keeps the lines up to its checkpoint and appends
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        lines = []
+        if resumed_at is not None and os.path.exists(log_path):  # the steps after the checkpoint are redone
+            lines = [line for line in open(log_path) if log_step(line) <= step]
+        resumed = {'resumed_from_step': step} if resumed_at is not None else {}
+        with open(log_path, 'w') as f:
+            f.writelines(lines + [json.dumps({'config': asdict(cfg), **resumed}) + '\n'])
+
+    # routing statistics are measured on the first val batch: the same tokens at every eval
+    x_routing = to_batch(val[: min(cfg.batch_size, n_val) * cfg.block_size + 1], cfg.block_size, device)[0]
+    train_loss = lr = None
+    win_tokens, win_time = 0, 0.0  # training tokens and seconds since the last log line
+    bar = tqdm(total=cfg.max_iters, initial=step, disable=not master, dynamic_ncols=True)
+    while True:
+        rec = {}
+        # evaluate, then checkpoint: at step 0, every eval_interval steps, and at the end
+        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step != resumed_at:
+            val_loss = evaluate(eval_model, val, n_val, cfg, rank, world, device, ctx)
+            if not math.isfinite(val_loss):
+                stop('val loss', val_loss, step, ckpt_path, saved_at)
+            rec['val_loss'] = val_loss
+            raw_model.eval()
+            with ctx:
+                w = raw_model.routing_weights(x_routing) if master else None  # None for standard and ddl
+            raw_model.train()
+            if w is not None:  # how sharp each routed read is: its largest weight and its entropy (nats)
+                rec['routing_max'], rec['routing_entropy'] = (t.tolist() for t in routing_stats(w))
+            if step > (resumed_at or 0):
+                cuda_rng = torch.cuda.get_rng_state(device) if device_type == 'cuda' else None
+                rngs = [{'torch': torch.get_rng_state(), 'cuda': cuda_rng}] * world
+                if ddp:  # every rank's state, so that dropout continues exactly on resume
+                    dist.all_gather_object(rngs, rngs[0])
+                if master:
+                    save_checkpoint({'model': raw_model.state_dict(), 'model_args': model_args(cfg),
+                                     'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                                     'step': step, 'tokens': tokens, 'data': loader.state(), 'rng': rngs,
+                                     'config': asdict(cfg), 'val_loss': val_loss}, ckpt_path)
+                saved_at = step
+            say(f'step {step}: val loss {val_loss:.4f}' + (f', saved {ckpt_path}' if saved_at == step else ''))
+
+        # a line of log.jsonl at each logged step. tok/s and MFU count only training time since the last line
+        if master and (rec or (step % cfg.log_interval == 0 and train_loss is not None)):
+            tok_s = win_tokens / win_time if win_time else None  # None: no timed step yet
+            mfu = raw_model.estimate_mfu(tok_s / world, peak) if tok_s else None  # per GPU, against its peak
+            mem = torch.cuda.max_memory_allocated(device) / 2**20 if device_type == 'cuda' else None
+            rec = {'step': step, 'tokens': tokens, 'train_loss': train_loss, **rec, 'lr': lr,
+                   'tok_per_s': tok_s, 'mfu': mfu, 'peak_mem_mb': mem}
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(rec) + '\n')
+            win_tokens, win_time = 0, 0.0
+        if step == cfg.max_iters:
+            break
+
+        # one optimizer step: accum micro-batches on each rank, the gradient averaged over all of them
+        t0 = time.perf_counter()
+        lr = get_lr(step, cfg)
+        for g in optimizer.param_groups:
+            g['lr'] = lr * g['lr_mult']  # lr_mult is routing_lr_mult for the variant's parameters, else 1
+        loss_sum = torch.zeros((), device=device)
+        for i in range(accum):
+            x, y = to_batch(loader.next_batch(), cfg.block_size, device)
+            # DDP all-reduces the gradients in backward; only the last micro-step needs to
+            with model.no_sync() if ddp and i < accum - 1 else nullcontext():
+                with ctx:
+                    _, loss = model(x, y)
+                loss_sum += loss.detach()
+                scaler.scale(loss / accum).backward()  # / accum: a mean over micro-steps; DDP averages ranks
+        if ddp:
+            dist.all_reduce(loss_sum)  # the same loss on every rank, so that all of them stop on a NaN
+        train_loss = loss_sum.item() / (accum * world)  # .item() waits for the GPU, so dt below is real
+        if not math.isfinite(train_loss):  # checked before the update: the weights are still good
+            stop('train loss', train_loss, step + 1, ckpt_path, saved_at)
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step, tokens = step + 1, tokens + cfg.total_batch_size
+        dt = time.perf_counter() - t0
+        if step > (resumed_at or 0) + 1:  # a process's first step compiles: it is left out of tok/s
+            win_tokens, win_time = win_tokens + cfg.total_batch_size, win_time + dt
+        mfu = raw_model.estimate_mfu(cfg.total_batch_size / dt / world, peak)
+        bar.set_postfix_str(f'loss {train_loss:.4f} | {cfg.total_batch_size / dt:,.0f} tok/s'
+                            + (f' | MFU {mfu:.1%}' if mfu else ''), refresh=False)
+        bar.update()
+    bar.close()
+
+
+def stop(what, value, step, ckpt_path, saved_at):
+    """Exit on a NaN or inf loss, naming the step; the checkpoint on disk is left as it is."""
+    kept = f'the last good checkpoint, {ckpt_path} at step {saved_at}, is kept' if saved_at else 'nothing was saved'
+    raise SystemExit(f'error: {what} is {value} at step {step}; stopping ({kept}). Try a lower learning_rate '
+                     f'or a longer warmup_iters, from the checkpoint with --init_from=resume')
+
+
+if __name__ == '__main__':
+    main()
