@@ -2,7 +2,7 @@
 Train every residual variant with the same data order, token budget, seed and hyperparameters, evaluate all
 on the same validation tokens, and write a table and plots.
 
-  python compare.py --data_dir=data/fineweb10B                         # configs/compare_*.py as they are
+  python compare.py --data_dir=data/fineweb10B                         # configs/compare*.py as they are
   python compare.py --data_dir=data/sample --gpus=0,1,2,3 --max_iters=220 --eval_interval=20   # smaller
   python compare.py --report_only=True --out_dir=out-compare           # redo table and plots from the logs
 
@@ -64,7 +64,7 @@ def launch(cfg, passthrough):
                 name, seed = todo.pop(0)
                 d = run_dir(cfg, name, seed)
                 os.makedirs(d, exist_ok=True)
-                cmd = [sys.executable, 'train.py', f'configs/compare_{name}.py', f'--out_dir={d}',
+                cmd = [sys.executable, 'train.py', 'configs/compare.py', f'configs/compare_{name}.py', f'--out_dir={d}',
                        f'--data_dir={cfg["data_dir"]}', f'--seed={seed}', *passthrough]
                 env = dict(os.environ, **({'CUDA_VISIBLE_DEVICES': gpu} if gpu is not None else {}))
                 print(f'[gpu {gpu}] {" ".join(cmd)}', flush=True)

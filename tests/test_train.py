@@ -134,12 +134,14 @@ def test_model_fields_match_gptconfig():
 def test_config_files_of_the_repo():
     paths = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
     cfgs = {os.path.basename(p)[:-3]: asdict(train.parse_config([p])) for p in paths}
-    compare = {k: v for k, v in cfgs.items() if k.startswith('compare_')}
+    shared = os.path.join(ROOT, 'configs', 'compare.py')  # the comparison's settings, then one variant's file
+    compare = {k: asdict(train.parse_config([shared, p])) for k, p in zip(cfgs, paths) if k.startswith('compare_')}
     assert {'standard', 'ddl', 'ddl_dv4', 'attnres', 'attnres_block', 'delta', 'delta_block'} <= {
         k.removeprefix('compare_') for k in compare}
     base = compare['compare_standard']
     for name, cfg in compare.items():  # one run, except for the variant and where it is written
         assert {k for k in cfg if cfg[k] != base[k]} <= VARIANT_FIELDS | {'out_dir'}, name
+        assert {k for k in cfg if cfg[k] != cfgs['compare'][k]} <= VARIANT_FIELDS | {'out_dir'}, name
     assert len({c['out_dir'] for c in cfgs.values()}) == len(cfgs)  # no two configs share an out_dir
     ddp = cfgs['gpt2_124m_ddp']
     assert ddp['total_batch_size'] % (ddp['batch_size'] * ddp['block_size'] * 8) == 0  # 8 GPUs divide it
