@@ -118,20 +118,20 @@ class Standard(nn.Module):
     """x <- x + F(ln(x)). The state is the stream itself."""
 
     def start(self, e):
-        return {'x': e}
+        return {'x': e}  # the state of every variant is a dict of tensors, built here from the embedding
 
     def read(self, st, s):
-        return st['x']
+        return st['x']  # every sublayer reads the running sum ...
 
     def write(self, st, s, out, h, c):
-        st['x'] = st['x'] + out
+        st['x'] = st['x'] + out  # ... and adds its output to it: x_final = e + sum_s out_s
 
     def final(self, st):
-        return st['x']
+        return st['x']  # what goes into ln_f
 
 
 class DeepDelta(nn.Module):
-    """Deep Delta Learning: the state X (d x dv per token, stored as (dv, d) so that d is contiguous) is rewritten along k = out/|out| by a delta rule,
+    """Deep Delta Learning: the state X (d x dv per token) is rewritten along k = out/|out| by a delta rule,
         X <- X + beta * k (v^T - k^T X),  beta = 2 sigmoid(w_b . c + b_b) in (0, 2),  v = 4 sigmoid(W_v x_in + b_v).
     The readout error along k shrinks by (1 - beta); directions orthogonal to k are untouched; beta = 0 is the
     identity. v is read from the un-normalised x_in as in the paper's code (the paper's text says W_v c).
@@ -156,30 +156,36 @@ class DeepDelta(nn.Module):
             self.ec = nn.Parameter(torch.zeros(d * dv, 1, 4))
             self.ec.data[:, 0, -1] = 1.0
 
+    # X is stored as (B, T, dv, d): d contiguous, so the sums over d below are reductions along rows
     def start(self, e):
         if self.dv == 1:
             return {'X': e.unsqueeze(-2)}  # (B, T, 1, d)
         B, T, d = e.shape
+        # pad 3 steps of zeros in front: output t sees inputs t-3..t only (causal), as a decoder must
         X = F.conv1d(F.pad(e.transpose(1, 2), (3, 0)), self.ec.to(e.dtype), groups=d)  # (B, d*dv, T), causal
         return {'X': X.view(B, d, self.dv, T).permute(0, 3, 2, 1)}  # (B, d*dv, T) -> (B, T, dv, d)
 
     def _compress(self, X, i):
+        # x_in[i] = sum_j W[j, i] X[j, i]: each channel mixes only its own dv values
         return X.squeeze(-2) if self.dv == 1 else (X * self.compress[i]).sum(-2)  # (B, T, dv, d) -> (B, T, d)
 
     def read(self, st, s):
-        return self._compress(st['X'], s // 2)
+        return self._compress(st['X'], s // 2)  # layer s // 2's compressor serves both of its sublayers
 
     def write(self, st, s, out, h, c):
         X, out = wide(st['X']), wide(out)
+        # k = out / sqrt(|out|^2 + eps^2): a unit vector, unless the output is ~0 (then k ~ 0 and nothing moves)
         k = out * torch.rsqrt(out.pow(2).sum(-1, keepdim=True) + self.eps_k ** 2)               # (B, T, d)
         # products written as multiply-and-sum, not matmul, so autocast keeps them in fp32
         beta = 2 * torch.sigmoid((wide(c) * self.w_b[s]).sum(-1) + self.b_b[s])                # (B, T)
         v = 4 * torch.sigmoid((wide(h).unsqueeze(-2) * self.w_v[s]).sum(-1) + self.b_v[s])     # (B, T, dv)
         r = (k.unsqueeze(-2) * X).sum(-1)                                                        # k^T X: (B, T, dv)
+        # X' = X + k (beta (v - k^T X))^T, so k^T X' = (1 - beta) k^T X + beta v for a unit k: the readout
+        # moves a fraction beta of the way to v, and X's components orthogonal to k stay as they were
         st['X'] = X + (beta.unsqueeze(-1) * (v - r)).unsqueeze(-1) * k.unsqueeze(-2)            # rank-1 write
 
     def final(self, st):
-        return self._compress(st['X'], -1)
+        return self._compress(st['X'], -1)  # the readout compressor: the last of the L + 1
 
 
 def wide(t):
@@ -193,8 +199,9 @@ def source_logits(v, W, eps=1e-6):
     The queries are parameters, not functions of the input, so each source's logits are computed once, when
     the source is created, and its keys are never materialised. No 1/sqrt(d), no temperature (as the paper).
     In fp32 (autocast off), like every statistic of the routing."""
-    with torch.autocast(device_type=v.device.type, enabled=False):
+    with torch.autocast(device_type=v.device.type, enabled=False):  # a matmul would otherwise run in bf16
         v = wide(v)
+        # (B, T, d) @ (d, R) -> (B, T, R), times 1/rms(v) (B, T, 1): the key's normalisation, applied afterwards
         return (v @ W.to(v.dtype).t()) * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
 
 
@@ -203,6 +210,9 @@ def depth_route(srcs, logits):
     srcs: n sources (B, T, d), the values; logits: their n logits (B, T) for this read.
     Returns the mixture sum_i a_i v_i (B, T, d) in fp32 and the weights a (n, B, T)."""
     a = torch.stack(logits).softmax(0)  # (n, B, T): normalised over depth, per token
+    # the values are the raw sources, not their RMS-normalised keys. A Python sum rather than a stacked
+    # (n, B, T, d) tensor: no copy of the sources, and torch.compile fuses it into one kernel that reads each
+    # source once
     return sum(a[i].unsqueeze(-1) * wide(v) for i, v in enumerate(srcs)), a
 
 
@@ -229,10 +239,13 @@ class Routed(nn.Module):
 
     def start(self, e):
         W = self.query * self.key_gain  # (R, d): every read's query with its key gain folded in
+        # x: the standard stream (used by Delta only); blocks: the finished sources, e first; logits: theirs
+        # against every read, (B, T, R) each; partial: the running sum of the current block (None when empty)
         return {'x': e, 'W': W, 'blocks': [e], 'logits': [source_logits(e, W)], 'partial': None}
 
     def _route(self, st, r):
-        srcs, logits = st['blocks'], [lg[..., r] for lg in st['logits']]
+        """Read number r: the mixture of every source visible now."""
+        srcs, logits = st['blocks'], [lg[..., r] for lg in st['logits']]  # column r: this read's logits
         if st['partial'] is not None:
             srcs, logits = srcs + [st['partial']], logits + [st['partial_logits'][..., r]]
         mix, a = depth_route(srcs, logits)
@@ -242,10 +255,10 @@ class Routed(nn.Module):
 
     def read(self, st, s):
         if not self.additive:
-            return self._route(st, s)
+            return self._route(st, s)  # replacement: the mixture is all the sublayer sees
         if s == 0:
-            return st['x']
-        mix = self._route(st, s - 1)
+            return st['x']  # = e; routing over the single source e would only add e to itself
+        mix = self._route(st, s - 1)  # Delta's read of sublayer s is read number s - 1
         return st['x'] + (mix if self.gate is None else self.gate[s - 1] * mix)
 
     def write(self, st, s, out, h, c):
@@ -260,6 +273,7 @@ class Routed(nn.Module):
             st['partial'] = None
 
     def final(self, st):
+        # Delta's stream is complete as it is; AttnRes has no stream, so one more read (its own query) builds it
         return st['x'] if self.additive else self._route(st, self.n_reads - 1)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,15 +327,17 @@ class GPT(nn.Module):
             raise ValueError(f'sequence length {T} > block_size {self.config.block_size}')
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
         e = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, d)
+        # the one loop of every variant: only the stream's start / read / write / final differ
         st = self.stream.start(e)
         for s, (norm, f) in enumerate(self.sublayers()):
-            h = self.stream.read(st, s)  # what sublayer s reads, before its pre-norm
-            c = norm(h)
+            h = self.stream.read(st, s)  # what sublayer s reads, before its pre-norm: (B, T, d)
+            c = norm(h)  # DDL needs c too: its gate beta is computed from the normalised input
             self.stream.write(st, s, f(c), h, c)
-        x = self.transformer.ln_f(self.stream.final(st))
+        x = self.transformer.ln_f(self.stream.final(st))  # (B, T, d)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed
         logits = self.lm_head(x)
+        # (B, T, V) -> (B*T, V) rows; the loss in fp32 even under autocast. -1 marks targets to ignore
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
         return logits, loss
 
@@ -350,7 +366,7 @@ class GPT(nn.Module):
         None for the variants without routing."""
         if not isinstance(self.stream, Routed):
             return None
-        self.stream.record = []
+        self.stream.record = []  # Routed._route appends (weights, number of finished sources) to it
         try:
             self(idx)
             record = self.stream.record
@@ -383,6 +399,7 @@ class GPT(nn.Module):
     def load_backbone(self, state_dict):
         """Load a checkpoint of any variant. The backbone must match exactly; the variant's own parameters are
         taken from it only where the checkpoint has them with the same shape. Returns the names left at init."""
+        # prefixes that torch.compile and DDP add to the keys of the modules they wrap
         sd = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in state_dict.items()}
         own = self.state_dict()
         variant = self.variant_param_names()
@@ -392,6 +409,7 @@ class GPT(nn.Module):
                      for k in own if k in sd and k not in variant and sd[k].shape != own[k].shape]
         if problems:
             raise ValueError('checkpoint backbone does not match this model: ' + '; '.join(problems[:8]))
+        # e.g. attnres -> delta: the queries exist in both, but 2L + 1 rows vs 2L - 1, so they stay at init
         load = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
         self.load_state_dict(load, strict=False)
         return sorted(variant - load.keys())
@@ -403,7 +421,7 @@ class GPT(nn.Module):
         groups = {}
         for n, p in self.named_parameters():
             if p.requires_grad:
-                key = (n in variant, p.dim() >= 2 and n not in variant)
+                key = (n in variant, p.dim() >= 2 and n not in variant)  # (variant's own?, decayed?)
                 groups.setdefault(key, []).append(p)
         optim_groups = [dict(params=ps, weight_decay=weight_decay if decay else 0.0,
                              lr_mult=routing_lr_mult if is_variant else 1.0)
@@ -424,6 +442,7 @@ class GPT(nn.Module):
             # a read over n sources: logits (dot + rms, ~4 n d) and the mixture (2 n d)
             for s in range(self.stream.n_reads):
                 fwd += 6 * d * _num_sources(s + int(self.stream.additive), self.stream.S)
+        # e.g. GPT-2 124M: 6 * 123.6M + 12 * 12 * 768 * 1024 = 0.855 GFLOP per token for the standard stream
         return 6 * N + 12 * L * d * T + 3 * fwd
 
     def estimate_mfu(self, tokens_per_sec, peak):
@@ -454,5 +473,5 @@ def peak_flops(device):
     device = torch.device(device)
     if device.type != 'cuda':
         return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device)  # e.g. 'NVIDIA H100 80GB HBM3'; the first matching key wins
     return next((f for key, f in PEAK_FLOPS if key in name), None)
