@@ -41,9 +41,10 @@ defaults = dict(
 
 
 def parse(argv):
+    """--key=value overrides of `defaults`, each converted to its default's type."""
     cfg = dict(defaults)
     for arg in argv:
-        key, _, val = arg.removeprefix('--').partition('=')
+        key, _, val = arg.removeprefix('--').partition('=')  # at the first '=' only
         if key not in cfg:
             sys.exit(f'bench.py: unknown option --{key}; options: {", ".join(cfg)}')
         typ = type(cfg[key])
@@ -52,7 +53,7 @@ def parse(argv):
 
 
 def sync(device):
-    if device.type == 'cuda':
+    if device.type == 'cuda':  # kernels run asynchronously: wait for them before reading the clock
         torch.cuda.synchronize()
 
 
@@ -61,10 +62,11 @@ def bench_variant(name, cfg, device):
     torch.manual_seed(cfg['seed'])
     mcfg = GPTConfig(block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], n_layer=cfg['n_layer'],
                      n_head=cfg['n_head'], n_embd=cfg['n_embd'], **VARIANTS[name])
-    model = GPT(mcfg).to(device)
+    model = GPT(mcfg).to(device)  # fp32 weights; autocast below runs the matmuls in bf16, as train.py does
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
-    step_model = torch.compile(model) if cfg['compile'] else model
+    step_model = torch.compile(model) if cfg['compile'] else model  # the whole model: one graph per variant
     B, T = cfg['batch_size'], cfg['block_size']
+    # random tokens: the speed of a step does not depend on the data, and no dataset is needed
     x = torch.randint(0, mcfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, mcfg.vocab_size, (B, T), device=device)
     autocast = torch.autocast(device.type, dtype=getattr(torch, cfg['dtype']), enabled=cfg['dtype'] != 'float32')
@@ -78,19 +80,19 @@ def bench_variant(name, cfg, device):
         return loss
 
     t0 = time.time()
-    for _ in range(cfg['warmup']):
+    for _ in range(cfg['warmup']):  # compilation and autotuning happen in the first steps
         step()
     sync(device)
     warmup_s = time.time() - t0
-    if device.type == 'cuda':
+    if device.type == 'cuda':  # peak memory of the timed steps: weights, optimizer state and one step's activations
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
     for _ in range(cfg['steps']):
         loss = step()
     sync(device)
-    dt = (time.time() - t0) / cfg['steps']
+    dt = (time.time() - t0) / cfg['steps']  # seconds per step, averaged over the timed steps
     tok_s = B * T / dt
-    mfu = model.estimate_mfu(tok_s, peak_flops(device))
+    mfu = model.estimate_mfu(tok_s, peak_flops(device))  # None where the device's peak is unknown
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda' else None
     if cfg['profile']:
         with torch.profiler.profile() as prof:
@@ -113,6 +115,7 @@ def bench_routing(cfg, device):
     n, N, d = cfg['route_sources'], cfg['route_tokens'], cfg['n_embd']
     dtype = getattr(torch, cfg['dtype'])
     g = torch.Generator(device=device).manual_seed(0)
+    # n separate (1, N, d) tensors, as the model keeps its sources: no stacked copy
     srcs = [torch.randn(1, N, d, device=device, dtype=dtype, generator=g).requires_grad_() for _ in range(n)]
     logits = [torch.randn(1, N, device=device, generator=g).requires_grad_() for _ in range(n)]
     grad = torch.randn(1, N, d, device=device, generator=g)
@@ -130,6 +133,7 @@ def bench_routing(cfg, device):
         step()
     sync(device)
     dt = (time.time() - t0) / cfg['route_steps']
+    # e.g. 24 bf16 sources, 768 wide: (3 * 24 * 2 + 8) * 768 + 192 = 116,928 bytes a token, 1.9 GB for 16k tokens
     nbytes = N * ((3 * n * dtype.itemsize + 2 * 4) * d + 2 * n * 4)
     return dict(sources=n, tokens=N, d=d, ms=1000 * dt, gb_per_s=nbytes / dt / 1e9, bytes=nbytes)
 
@@ -137,7 +141,7 @@ def bench_routing(cfg, device):
 def main(argv=None):
     cfg = parse(sys.argv[1:] if argv is None else argv)
     device = torch.device(cfg['device'])
-    if device.type == 'cuda':
+    if device.type == 'cuda':  # as train.py: TF32 for the fp32 matmuls that remain (the routing logits)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         print(f'{torch.cuda.get_device_name(device)}, torch {torch.__version__}, '
@@ -149,13 +153,13 @@ def main(argv=None):
         rows.append(bench_variant(name, cfg, device))
         r = rows[-1]
         print(f'{name}: {r["ms_per_step"]:.1f} ms/step (warm-up {r["warmup_s"]:.0f} s)', flush=True)
-        if device.type == 'cuda':
+        if device.type == 'cuda':  # give the memory back, so the next variant's peak is its own
             torch.cuda.empty_cache()
     base = next((r for r in rows if r['variant'] == 'standard'), None)
     fmt = lambda v, f: '-' if v is None else format(v, f)
     print(f'\n| variant | ms/step | tok/s | MFU | peak mem (MB) | step vs standard | mem vs standard |')
     print('|---|---|---|---|---|---|---|')
-    for r in rows:
+    for r in rows:  # ratios against the standard model measured in this same run
         r['step_ratio'] = r['ms_per_step'] / base['ms_per_step'] if base else None
         r['mem_ratio'] = r['peak_mem_mb'] / base['peak_mem_mb'] if base and r['peak_mem_mb'] else None
         print(f'| {r["variant"]} | {r["ms_per_step"]:.1f} | {r["tok_per_s"]:,.0f} | '

@@ -45,6 +45,7 @@ def parse(argv):
 
 
 def run_list(cfg):
+    """[(variant, seed)]: seeds 1337, 1338, ... so that seed 1337 is common to all variants."""
     seeds = {name: cfg['seeds'] + (name in cfg['extra_seeds'].split(',')) for name in cfg['runs'].split(',')}
     return [(name, 1337 + k) for name in seeds for k in range(seeds[name])]
 
@@ -56,7 +57,7 @@ def run_dir(cfg, name, seed):
 def launch(cfg, passthrough):
     """Train the runs that have not finished, keeping each listed GPU busy with one run."""
     gpus = cfg['gpus'].split(',') if cfg['gpus'] else [None]
-    todo = [r for r in run_list(cfg) if not finished(run_dir(cfg, *r))]
+    todo = [r for r in run_list(cfg) if not finished(run_dir(cfg, *r))]  # an unfinished run starts again
     running = {}  # gpu -> (process, run)
     while todo or running:
         for gpu in gpus:
@@ -66,6 +67,7 @@ def launch(cfg, passthrough):
                 os.makedirs(d, exist_ok=True)
                 cmd = [sys.executable, 'train.py', 'configs/compare.py', f'configs/compare_{name}.py', f'--out_dir={d}',
                        f'--data_dir={cfg["data_dir"]}', f'--seed={seed}', *passthrough]
+                # each run sees one GPU as cuda:0, so train.py needs no device argument
                 env = dict(os.environ, **({'CUDA_VISIBLE_DEVICES': gpu} if gpu is not None else {}))
                 print(f'[gpu {gpu}] {" ".join(cmd)}', flush=True)
                 with open(os.path.join(d, 'stdout.txt'), 'w') as out:
@@ -76,7 +78,7 @@ def launch(cfg, passthrough):
                 print(f'[gpu {gpu}] {run[0]} seed {run[1]}: exit {proc.returncode}', flush=True)
                 if proc.returncode != 0:
                     print(open(os.path.join(run_dir(cfg, *run), 'stdout.txt')).read()[-2000:])
-        time.sleep(1)
+        time.sleep(1)  # poll: runs take minutes, a second of latency costs nothing
 
 
 def read_log(d):
@@ -102,7 +104,7 @@ def mean_routing(d, data_dir, n_seq):
     from model import routing_stats
     model, _ = load_model(os.path.join(d, 'ckpt.pt'), 'cuda' if torch.cuda.is_available() else 'cpu')
     T = model.config.block_size
-    val = load_shard(list_shards(data_dir, 'val')[0])
+    val = load_shard(list_shards(data_dir, 'val')[0])  # the first val tokens: the same for every run
     idx = torch.from_numpy(val[:n_seq * T].astype('int64')).view(n_seq, T).to(next(model.parameters()).device)
     w = model.routing_weights(idx)
     return None if w is None else (w.mean((2, 3)).cpu(), routing_stats(w)[0].cpu(), *model.routing_labels())
@@ -116,15 +118,17 @@ def report(cfg):
         evals = [s for s in steps if s.get('val_loss') is not None]
         if not evals:
             continue
-        timed = [s['tok_per_s'] for s in steps[len(steps) // 4:] if s.get('tok_per_s')]  # after warm-up
+        # tok/s over the last three quarters of the log lines: after warm-up and compilation
+        timed = [s['tok_per_s'] for s in steps[len(steps) // 4:] if s.get('tok_per_s')]
         ckpt = torch.load(os.path.join(d, 'ckpt.pt'), map_location='cpu', weights_only=True)
         rows.append(dict(run=name, seed=seed, val_loss=evals[-1]['val_loss'], tokens=evals[-1]['tokens'],
                          tok_per_s=sum(timed) / max(len(timed), 1),
+                         # lm_head.weight is wte.weight (tied): count it once
                          params=sum(v.numel() for k, v in ckpt['model'].items() if k != 'lm_head.weight')))
         curves[(name, seed)] = [(s['tokens'], s['val_loss']) for s in evals]
-        if seed == 1337:
+        if seed == 1337:  # one routing picture per variant
             routing[name] = mean_routing(d, cfg['data_dir'], cfg['routing_tokens'])
-    base = [r['val_loss'] for r in rows if r['run'] == 'standard']
+    base = [r['val_loss'] for r in rows if r['run'] == 'standard']  # differences are against the mean of its seeds
     base = sum(base) / len(base) if base else None
     lines = ['| variant | seed | val loss | perplexity | vs standard (mean) | tok/s | params |',
              '|---|---|---|---|---|---|---|']
