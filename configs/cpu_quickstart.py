@@ -5,9 +5,10 @@ Quick start on a laptop CPU: a 4-layer, 128-wide GPT trained for a few minutes, 
   python train.py configs/cpu_quickstart.py            # 300 steps, about 5 minutes on 2 CPU cores
   python sample.py --out_dir=out-quickstart --device=cpu --start="The meaning of life is"
 
-Any text of your own works too: `python prepare.py --text book.txt --name book` writes data/book/, then add
---data_dir=data/book. The samples will be mostly word salad: this run checks that everything works end to end,
-it does not make a good language model.
+Any text of your own works too: `python prepare.py --text notes.jsonl --name notes` writes data/notes/, then
+add --data_dir=data/notes (a .txt file needs lines of <|endoftext|> between its documents: val is held out by
+document). The samples will be mostly word salad: after 614K tokens the val loss is about 7.2 (10.85 at step 0).
+This run checks that everything works end to end; it does not make a good language model.
 """
 out_dir = 'out-quickstart'
 data_dir = 'data/fineweb10B'
