@@ -5,7 +5,7 @@ Runs on a CPU, one GPU, or several GPUs with DDP; resumes exactly; logs what it 
   python train.py configs/cpu_quickstart.py                                  # CPU, a few minutes
   python train.py configs/gpt2_124m.py                                       # one GPU
   python train.py configs/gpt2_124m.py --batch_size=8 --compile=False        # with overrides
-  torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m_ddp.py # 8 GPUs of one node
+  torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py configs/gpt2_124m_ddp.py # 8 GPUs of one node
   python train.py --out_dir=out-gpt2-124m --init_from=resume                 # go on where it stopped
 
 Configuration: the defaults in `Config` below, then each config file (plain `name = value` lines, read with

@@ -1,8 +1,9 @@
 """
-GPT-2 124M on the GPUs of one node with DDP (the same run as gpt2_124m.py, only faster).
+GPT-2 124M on the GPUs of one node with DDP: the run of gpt2_124m.py, only faster. This file holds what
+differs (where it is written); gpt2_124m.py, given first, holds the run.
 
   python prepare.py --num_train_shards 100
-  torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m_ddp.py
+  torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py configs/gpt2_124m_ddp.py
 
 The batch stays 2**19 = 524,288 tokens per step whatever the number of GPUs N, and train.py derives the grad
 accumulation from it: accum = 524,288 / (32 sequences x 1,024 tokens x N GPUs)
@@ -13,15 +14,4 @@ Every rank reads its own slice of the data and evaluates its share of the val se
 over all ranks, so the numbers equal those of the one-GPU run.
 """
 out_dir = 'out-gpt2-124m-ddp'
-data_dir = 'data/fineweb10B'
-total_batch_size = 524_288
-batch_size = 32
 # 19,073 steps x 524,288 tokens = 10.0B tokens: under an hour on 8 H100s at ~490K tokens/s each
-max_iters = 19_073
-warmup_iters = 700
-learning_rate = 6e-4
-min_lr = 6e-5
-lr_schedule = 'cosine'
-val_tokens = 10_485_760
-eval_interval = 250
-log_interval = 10

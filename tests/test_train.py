@@ -143,7 +143,7 @@ def test_config_files_of_the_repo():
         assert {k for k in cfg if cfg[k] != base[k]} <= VARIANT_FIELDS | {'out_dir'}, name
         assert {k for k in cfg if cfg[k] != cfgs['compare'][k]} <= VARIANT_FIELDS | {'out_dir'}, name
     assert len({c['out_dir'] for c in cfgs.values()}) == len(cfgs)  # no two configs share an out_dir
-    ddp = cfgs['gpt2_124m_ddp']
+    ddp = asdict(train.parse_config([os.path.join(ROOT, 'configs', f) for f in ('gpt2_124m.py', 'gpt2_124m_ddp.py')]))
     assert ddp['total_batch_size'] % (ddp['batch_size'] * ddp['block_size'] * 8) == 0  # 8 GPUs divide it
     conv = cfgs['convert_delta']
     assert conv['residual'] == 'delta' and conv['delta_gate'] and conv['routing_lr_mult'] > 1
