@@ -43,6 +43,9 @@ defaults = dict(
 def parse(argv):
     """--key=value overrides of `defaults`, each converted to its default's type."""
     cfg = dict(defaults)
+    if '-h' in argv or '--help' in argv:
+        print(__doc__ + '\noptions and defaults:\n' + '\n'.join(f'  --{k}={v}' for k, v in defaults.items()))
+        sys.exit(0)
     for arg in argv:
         key, _, val = arg.removeprefix('--').partition('=')  # at the first '=' only
         if key not in cfg:

@@ -35,6 +35,9 @@ defaults = dict(
 
 def parse(argv):
     cfg, passthrough = dict(defaults), []
+    if '-h' in argv or '--help' in argv:
+        print(__doc__ + '\noptions and defaults:\n' + '\n'.join(f'  --{k}={v}' for k, v in defaults.items()))
+        sys.exit(0)
     for arg in argv:
         key, _, val = arg.removeprefix('--').partition('=')
         if key in cfg:

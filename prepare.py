@@ -93,7 +93,7 @@ def load_shard(path):
 
 def write_shard(path, tokens):
     """Write tokens as a shard atomically: a reader sees the old file or the whole new one, never half."""
-    tokens = np.asarray(tokens)  # a list, an array or another shard's memmap
+    path, tokens = os.fspath(path), np.asarray(tokens)  # a str or a Path; a list, an array or a shard's memmap
     if tokens.ndim != 1 or tokens.size == 0 or tokens.dtype.kind not in 'iu':
         raise ShardError(f'{path}: tokens must be a non-empty 1-D array of ints, got shape {tokens.shape} '
                          f'of {tokens.dtype}')

@@ -41,6 +41,9 @@ def parse_args(argv, defaults):
     """The defaults overridden by --key=value flags. A value must parse as the default's type: an int is taken
     where a float is expected, a bool is True/False/1/0, a string is used as written (it may contain '=')."""
     cfg = dict(defaults)
+    if '-h' in argv or '--help' in argv:
+        print(__doc__ + '\noptions and defaults:\n' + '\n'.join(f'  --{k}={v}' for k, v in defaults.items()))
+        raise SystemExit(0)
     for arg in argv:
         key, eq, val = arg.removeprefix('--').partition('=')
         if not arg.startswith('--') or not eq:

@@ -32,6 +32,12 @@ def test_bench_table_and_json(tmp_path, capsys):
     assert rt['bytes'] == 64 * ((3 * 5 * 2 + 2 * 4) * 32 + 2 * 5 * 4) and rt['gb_per_s'] > 0
 
 
+def test_bench_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse(['--help'])
+    assert e.value.code == 0 and '--route_sources=24' in capsys.readouterr().out
+
+
 def test_bench_rejects_unknown_options():
     with pytest.raises(SystemExit, match='unknown option --stpes'):
         bench.parse(['--stpes=3'])

@@ -162,6 +162,9 @@ def test_parse_args():
         parse_args(['--routing=maybe'], DEFAULTS)
     with pytest.raises(SystemExit, match='expected --key=value'):
         parse_args(['seed=3'], DEFAULTS)
+    with pytest.raises(SystemExit) as e:  # --help lists the options and exits with status 0
+        parse_args(['--help'], DEFAULTS)
+    assert e.value.code == 0
 
 
 def test_decode_skips_padding_ids():
