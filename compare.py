@@ -21,6 +21,10 @@ import time
 
 import torch
 
+from model import routing_stats
+from prepare import list_shards, load_shard
+from sample import load_model
+
 RUNS = ['standard', 'ddl', 'ddl_dv4', 'attnres', 'attnres_block', 'delta', 'delta_block']
 defaults = dict(
     out_dir='out-compare', data_dir='data/fineweb10B',
@@ -99,15 +103,10 @@ def finished(d):
 
 
 @torch.no_grad()
-def mean_routing(d, data_dir, n_seq):
-    """A run's final model on the first n_seq val sequences: the routing weights averaged over tokens (R, S), the
+def mean_routing(model, val, n_seq):
+    """A final model on the first n_seq val sequences: the routing weights averaged over tokens (R, S), the
     per-token largest weight averaged over tokens (R,), and the labels of reads and sources."""
-    from prepare import list_shards, load_shard
-    from sample import load_model
-    from model import routing_stats
-    model, _ = load_model(os.path.join(d, 'ckpt.pt'), 'cuda' if torch.cuda.is_available() else 'cpu')
     T = model.config.block_size
-    val = load_shard(list_shards(data_dir, 'val')[0])  # the first val tokens: the same for every run
     idx = torch.from_numpy(val[:n_seq * T].astype('int64')).view(n_seq, T).to(next(model.parameters()).device)
     w = model.routing_weights(idx)
     return None if w is None else (w.mean((2, 3)).cpu(), routing_stats(w)[0].cpu(), *model.routing_labels())
@@ -115,22 +114,22 @@ def mean_routing(d, data_dir, n_seq):
 
 def report(cfg):
     rows, curves, routing = [], {}, {}
+    val = load_shard(list_shards(cfg['data_dir'], 'val')[0])  # the first val tokens: the same for every run
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
     for name, seed in run_list(cfg):
         d = run_dir(cfg, name, seed)
-        rcfg, steps = read_log(d)
+        _, steps = read_log(d)
         evals = [s for s in steps if s.get('val_loss') is not None]
         if not evals:
             continue
         # tok/s over the last three quarters of the log lines: after warm-up and compilation
         timed = [s['tok_per_s'] for s in steps[len(steps) // 4:] if s.get('tok_per_s')]
-        ckpt = torch.load(os.path.join(d, 'ckpt.pt'), map_location='cpu', weights_only=True)
+        model, _ = load_model(os.path.join(d, 'ckpt.pt'), device)
         rows.append(dict(run=name, seed=seed, val_loss=evals[-1]['val_loss'], tokens=evals[-1]['tokens'],
-                         tok_per_s=sum(timed) / max(len(timed), 1),
-                         # lm_head.weight is wte.weight (tied): count it once
-                         params=sum(v.numel() for k, v in ckpt['model'].items() if k != 'lm_head.weight')))
+                         tok_per_s=sum(timed) / max(len(timed), 1), params=model.get_num_params(non_embedding=False)))
         curves[(name, seed)] = [(s['tokens'], s['val_loss']) for s in evals]
         if seed == 1337:  # one routing picture per variant
-            routing[name] = mean_routing(d, cfg['data_dir'], cfg['routing_tokens'])
+            routing[name] = mean_routing(model, val, cfg['routing_tokens'])
     base = [r['val_loss'] for r in rows if r['run'] == 'standard']  # differences are against the mean of its seeds
     base = sum(base) / len(base) if base else None
     lines = ['| variant | seed | val loss | perplexity | vs standard (mean) | tok/s | params |',
