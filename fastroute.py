@@ -1,0 +1,355 @@
+"""
+Fused routing for Attention Residuals and Delta Attention Residuals: the math of model.Routed and
+model.depth_route, organised around the GPU's memory bandwidth. model.py stays the reference; this file is
+what `route_impl='auto'` (on CUDA) or `'fused'` (anywhere) runs, and tests/test_fastroute.py holds it to
+the reference, forward and every gradient.
+
+What the plain path costs, and what this one does instead (per token, d wide, n sources at a read):
+- Forward, a read mixes its n sources. Plain: one generated kernel per read (fine), plus the logits of
+  every new partial block against all reads. Here: one kernel per read reads each visible source once,
+  in the storage dtype (bf16 under autocast), and computes the softmax on the fly from logits that were
+  computed once, when the source was registered.
+- Backward, plain: autograd adds each read's contribution into each source's gradient, a read-modify-write
+  of an fp32 (B, T, d) tensor per (source, read) pair, about 10 bytes per element per pair. Here: a read's
+  backward only stores its output gradient g_r (bf16) and one number per token, c_r = g_r . mix_r. A
+  source's backward runs once, after every read that saw it, and reads v_i and each later g_r once:
+      dL/dv_i = sum_r a_ir g_r + (terms of the logits, from dl_ir = a_ir (g_r . v_i - c_r))
+  so about 2 bytes per element per pair, with nothing accumulated in memory.
+
+How autograd is made to run a source's backward after all of its reads: every op here takes and returns
+a 0-dim "token" tensor, chained in forward order. Backward runs the chain in reverse, so when source i's
+backward runs, every later read's backward has run and left its g_r in the shared Router. The sources are
+not autograd inputs of the reads (the reads find them in the Router's buffer), so autograd never builds
+one gradient tensor per pair.
+
+Kernels: Triton on CUDA (and on CPU under TRITON_INTERPRET=1, for tests); elsewhere the same arithmetic in
+torch. The compiler cannot trace the Router (it keeps Python state between forward and backward), so a
+model that uses it is compiled region by region: see GPT.compile in model.py.
+"""
+
+import os
+
+import torch
+
+from model import Routed, source_logits, wide
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch versions below do the same arithmetic
+    triton = None
+
+EPS = 1e-6  # source_logits' epsilon in the RMS of a key
+
+
+class FusedRouted(Routed):
+    """model.Routed with the fused path: the same parameters, the same math. Falls back to Routed's own
+    code where the fused path is not used (route_impl='auto' off CUDA, or while routing_weights records)."""
+
+    def __init__(self, config, additive):
+        super().__init__(config, additive)
+        self.impl = config.route_impl
+        # The plan, fixed by the config: slot 0 is the embedding, slot s + 1 the partial (or finished) block
+        # after sublayer s's write. A slot is read by a contiguous range of reads [r0, r1): every later
+        # read once its block is finished, only the next read while it is a partial block.
+        R, S = self.n_reads, self.S
+        self.ranges = [(0, R)]  # read number r of sublayer s is r = s (AttnRes) or s - 1 (Delta)
+        for s in range(2 * config.n_layer):
+            r0 = s + 1 - int(additive)  # the first read after sublayer s's write
+            if r0 < R:  # Delta's last output is read by no one: no slot
+                self.ranges.append((r0, R if (s + 1) % S == 0 else r0 + 1))
+        self.visible = [[i for i, (r0, r1) in enumerate(self.ranges) if r0 <= r < r1] for r in range(R)]
+        n = max(map(len, self.visible))
+        # (R, n) slot table for the kernels, -1 padded; moved to the device once, not every step
+        self.register_buffer('table', torch.tensor([v + [-1] * (n - len(v)) for v in self.visible],
+                                                   dtype=torch.int32), persistent=False)
+
+    def fused(self, e):
+        return self.record is None and (self.impl == 'fused' or (self.impl == 'auto' and e.is_cuda))
+
+    def start(self, e):
+        if not self.fused(e):
+            return super().start(e)
+        router = Router(self, e, self.query * self.key_gain)
+        router.add(e, 0)
+        return {'x': e, 'partial': None, 'router': router}
+
+    def read(self, st, s):
+        if 'router' not in st:
+            return super().read(st, s)
+        if self.additive and s == 0:
+            return st['x']  # as Routed: sublayer 0 of Delta reads e unrouted
+        r = s - int(self.additive)
+        gamma = None if self.gate is None else self.gate[r]
+        return st['router'].read(r, st['x'] if self.additive else None, gamma)
+
+    def write(self, st, s, out, h, c):
+        if 'router' not in st:
+            return super().write(st, s, out, h, c)
+        if self.additive:
+            st['x'] = st['x'] + out
+        st['partial'] = out if st['partial'] is None else wide(st['partial']) + out  # as Routed
+        if s + 1 < len(self.ranges):
+            st['router'].add(st['partial'], s + 1)
+        if (s + 1) % self.S == 0:
+            st['partial'] = None
+
+    def final(self, st):
+        if 'router' not in st or self.additive:
+            return super().final(st)
+        return st['router'].read(self.n_reads - 1, None, None)
+
+
+class Router:
+    """The sources, logits and softmax statistics of one forward pass, shared by its ops."""
+
+    def __init__(self, stream, e, W):
+        dev = e.device.type
+        B, T, d = e.shape
+        n, R, M = len(stream.ranges), stream.n_reads, B * T
+        # sources are stored in the autocast dtype (what the sublayers output), statistics in fp32 (or wider)
+        self.dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else e.dtype
+        acc = wide(e).dtype
+        self.V = e.new_empty((n, M, d), dtype=self.dtype)     # slot i: source i, (M, d)
+        self.Lg = e.new_empty((n, R, M), dtype=acc)           # its logit against read r, where r sees it
+        self.mmax, self.ssum, self.c = (e.new_empty((R, M), dtype=acc) for _ in range(3))  # per read
+        self.G = None  # (R, M, d) read-output gradients, allocated by the first read backward
+        self.stream, self.W, self.shape = stream, W, (B, T, d)
+        self.token = e.new_zeros((), dtype=acc)
+
+    def add(self, v, slot):
+        r0, r1 = self.stream.ranges[slot]
+        self.token = _Source.apply(self.token, v, self.W, self, slot, r0, r1)
+
+    def read(self, r, base, gamma):
+        h, self.token = _Read.apply(self.token, base, gamma, self, r)
+        return h
+
+
+class _Source(torch.autograd.Function):
+    """Registers a source: stores it and its logits against the reads that will see it. Its backward is
+    the source's whole gradient (and its share of the queries' gradient)."""
+
+    @staticmethod
+    def forward(ctx, token, v, W, router, slot, r0, r1):
+        with torch.autocast(v.device.type, enabled=False):
+            add_source(router, v.reshape(-1, v.size(-1)), W, slot, r0, r1)
+        ctx.router, ctx.slot, ctx.r0, ctx.r1, ctx.v_dtype = router, slot, r0, r1, v.dtype
+        return token.clone()
+
+    @staticmethod
+    def backward(ctx, g_token):
+        ro, slot, r0, r1 = ctx.router, ctx.slot, ctx.r0, ctx.r1
+        v = ro.V[slot]
+        dv, dlr = source_grad(ro, slot, r0, r1)  # dlr: (r1 - r0, M) logit gradients over rms(v)
+        dW = torch.zeros_like(ro.W)
+        # dL/dW_r = sum over tokens of dl_r * v / rms(v): the logit is (W_r . v) / rms(v)
+        dW[r0:r1] = (dlr.to(v.dtype) @ v).to(dW.dtype)
+        return g_token, dv.view(*ro.shape).to(ctx.v_dtype), dW, None, None, None, None
+
+
+class _Read(torch.autograd.Function):
+    """One routed read: h = mix (AttnRes) or base + gamma * mix (Delta). Its backward leaves g_r = gamma dL/dh
+    and c_r = g_r . mix in the Router for the sources' backward."""
+
+    @staticmethod
+    def forward(ctx, token, base, gamma, router, r):
+        with torch.autocast(router.V.device.type, enabled=False):
+            h, mix = read_mix(router, r, base, gamma)
+        ctx.router, ctx.r, ctx.has_base, ctx.has_gamma = router, r, base is not None, gamma is not None
+        ctx.save_for_backward(mix if mix is not None else h, gamma)  # AttnRes: h is the mix
+        return h.view(router.shape), token.clone()
+
+    @staticmethod
+    def backward(ctx, g_h, g_token):
+        mix, gamma = ctx.saved_tensors
+        ro = ctx.router
+        if ro.G is None:  # the last read's backward comes first
+            ro.G = ro.V.new_empty((ro.mmax.size(0),) + ro.V.shape[1:])
+        gh = g_h.reshape(-1, g_h.size(-1))
+        ch = read_grad(ro, ctx.r, gh, mix, gamma)  # per token g_h . mix, for the gate's gradient
+        dgamma = ch.sum().to(gamma.dtype) if ctx.has_gamma else None
+        return g_token, (g_h if ctx.has_base else None), dgamma, None, None
+
+# ----------------------------------------------------------------------------------------------------------
+# The three computations, each in torch (the definition) and in Triton (one pass over memory)
+
+def use_triton(t):
+    return triton is not None and (t.is_cuda or os.environ.get('TRITON_INTERPRET') == '1')
+
+
+def add_source(ro, v, W, slot, r0, r1):
+    """V[slot] = v; Lg[slot, r] = (W_r . v) / rms(v) for r in [r0, r1)."""
+    M, d = v.shape
+    if use_triton(v):
+        v = v.contiguous()
+        _add_source_kernel[(triton.cdiv(M, BM),)](v, W, ro.V[slot], ro.Lg[slot], r0, r1, M, d, EPS,
+                                                  BM=BM, BD=triton.next_power_of_2(d), num_warps=4)
+    else:
+        ro.V[slot] = v
+        ro.Lg[slot, r0:r1] = source_logits(v, W[r0:r1], EPS).t()
+
+
+def read_mix(ro, r, base, gamma):
+    """The mixture of the sources read r sees; its softmax max and sum are kept for the backward.
+    Returns h (M, d) and, for Delta, the mix in the storage dtype (None for AttnRes, whose h is the mix)."""
+    slots = ro.stream.visible[r]
+    M, d = ro.V.shape[1:]
+    acc = ro.Lg.dtype
+    h = ro.V.new_empty((M, d), dtype=acc)
+    mix = None if base is None else ro.V.new_empty((M, d))
+    if use_triton(h):
+        dummy = h  # unused pointer arguments
+        _read_kernel[(triton.cdiv(M, BM),)](
+            ro.V, ro.Lg, ro.stream.table[r], len(slots), r, dummy if base is None else base.contiguous(),
+            dummy if gamma is None else gamma, h, dummy if mix is None else mix, ro.mmax[r], ro.ssum[r], M, d,
+            ro.Lg.size(1),
+            HAS_BASE=base is not None, HAS_GAMMA=gamma is not None, BM=BM, BD=triton.next_power_of_2(d),
+            num_warps=4)
+    else:
+        lg = ro.Lg[slots, r]                                       # (n, M)
+        ro.mmax[r] = lg.max(0).values
+        w = (lg - ro.mmax[r]).exp()
+        ro.ssum[r] = w.sum(0)
+        # (n, M) weights against (n, M, d) sources -> (M, d)
+        h = torch.einsum('nm,nmd->md', w / ro.ssum[r], ro.V[slots].to(acc))
+        if base is not None:
+            mix[:] = h
+            h = base.reshape(M, d) + (h if gamma is None else gamma * h)
+    return h, mix
+
+
+def read_grad(ro, r, gh, mix, gamma):
+    """G[r] = gamma * dL/dh, c[r] = G[r] . mix; returns dL/dh . mix per token (M,)."""
+    M, d = gh.shape
+    ch = gh.new_empty(M, dtype=ro.c.dtype)
+    if use_triton(gh):
+        _read_grad_kernel[(triton.cdiv(M, BM),)](gh.contiguous(), mix, gamma if gamma is not None else ch, ro.G[r],
+                                                 ro.c[r], ch, M, d, HAS_GAMMA=gamma is not None, BM=BM,
+                                                 BD=triton.next_power_of_2(d), num_warps=4)
+    else:
+        g = gh if gamma is None else gamma * gh
+        ro.G[r] = g
+        ch[:] = (wide(gh) * wide(mix)).sum(-1)
+        ro.c[r] = ch if gamma is None else gamma * ch
+    return ch
+
+
+def source_grad(ro, i, r0, r1):
+    """dL/dv_i (M, d) from the reads r0 <= r < r1 that saw source i, and the logit gradients over rms(v_i)
+    (r1 - r0, M) for the queries' gradient. With a_r = softmax weight, l_r = logit, g_r = read gradient:
+        dl_r = a_r (g_r . v - c_r)
+        dv = sum_r a_r g_r + (sum_r dl_r W_r) / rms(v) - (sum_r dl_r l_r) v / (d rms(v)^2)
+    the last two terms being d l_r / dv = W_r / rms(v) - l_r v / (d rms(v)^2) (the RMS of the key)."""
+    M, d = ro.V.shape[1:]
+    acc = ro.Lg.dtype
+    dv = ro.V.new_empty((M, d), dtype=acc)
+    dlr = ro.V.new_empty((r1 - r0, M), dtype=acc)
+    if use_triton(dv):
+        _source_grad_kernel[(triton.cdiv(M, BM),)](ro.V[i], ro.G[r0], ro.Lg[i], ro.mmax, ro.ssum, ro.c, ro.W, r0,
+                                                   r1, dv, dlr, M, d, EPS, BM=BM,
+                                                   BD=triton.next_power_of_2(d), num_warps=4)
+    else:
+        v, G = ro.V[i].to(acc), ro.G[r0:r1].to(acc)                   # (M, d), (k, M, d)
+        rinv = torch.rsqrt(v.pow(2).mean(-1) + EPS)                     # (M,)
+        lg = ro.Lg[i, r0:r1]                                            # (k, M)
+        a = (lg - ro.mmax[r0:r1]).exp() / ro.ssum[r0:r1]
+        dl = a * (torch.einsum('kmd,md->km', G, v) - ro.c[r0:r1])
+        dv = (torch.einsum('km,kmd->md', a, G) + rinv[:, None] * (dl.t() @ ro.W[r0:r1].to(acc))
+              - ((dl * lg).sum(0) * rinv ** 2 / d)[:, None] * v)
+        dlr = dl * rinv
+    return dv, dlr
+
+
+BM = 4  # tokens per program: 4 x 1024 fp32 accumulators over 128 threads stay in registers
+
+if triton is not None:
+    @triton.jit
+    def _add_source_kernel(v_ptr, W, V, Lg, r0, r1, M, D, eps, BM: tl.constexpr, BD: tl.constexpr):
+        # V, Lg: this slot's (M, D) source and (R, M) logits
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.arange(0, BD)
+        rmask, cmask = rows < M, cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        tl.store(V + offs, v, mask=mask)
+        v = v.to(tl.float32)
+        rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
+        for r in range(r0, r1):
+            w = tl.load(W + r * D + cols, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(Lg + r * M + rows, tl.sum(v * w[None, :], 1) * rinv, mask=rmask)
+
+    @triton.jit
+    def _read_kernel(V, Lg, slots, n, r, base, gamma, H, MIX, MMAX, SSUM, M, D, R,
+                     HAS_BASE: tl.constexpr, HAS_GAMMA: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.arange(0, BD)
+        rmask = rows < M
+        mask = rmask[:, None] & (cols < D)[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        m = tl.full([BM], float('-inf'), tl.float32)
+        for i in range(n):  # the softmax max first: a second pass over n logits is cheaper than rescaling
+            sl = tl.load(slots + i).to(tl.int64)
+            m = tl.maximum(m, tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0))
+        s = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, BD], tl.float32)
+        for i in range(n):  # each source is read once
+            sl = tl.load(slots + i).to(tl.int64)
+            w = tl.exp(tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0) - m)
+            s += w
+            acc += w[:, None] * tl.load(V + sl * M * D + offs, mask=mask, other=0.0).to(tl.float32)
+        mix = acc / s[:, None]
+        tl.store(MMAX + rows, m, mask=rmask)  # this read's rows of the (R, M) statistics
+        tl.store(SSUM + rows, s, mask=rmask)
+        if HAS_BASE:
+            tl.store(MIX + offs, mix, mask=mask)
+            if HAS_GAMMA:
+                mix = mix * tl.load(gamma)
+            mix += tl.load(base + offs, mask=mask, other=0.0)
+        tl.store(H + offs, mix, mask=mask)
+
+    @triton.jit
+    def _read_grad_kernel(GH, MIX, gamma, G, C, CH, M, D,
+                          HAS_GAMMA: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.arange(0, BD)
+        rmask = rows < M
+        mask = rmask[:, None] & (cols < D)[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        gh = tl.load(GH + offs, mask=mask, other=0.0).to(tl.float32)
+        ch = tl.sum(gh * tl.load(MIX + offs, mask=mask, other=0.0).to(tl.float32), 1)
+        tl.store(CH + rows, ch, mask=rmask)
+        if HAS_GAMMA:
+            gm = tl.load(gamma)
+            gh, ch = gh * gm, ch * gm
+        tl.store(G + offs, gh, mask=mask)  # G, C: this read's rows
+        tl.store(C + rows, ch, mask=rmask)
+
+    @triton.jit
+    def _source_grad_kernel(V, G, Lg, MMAX, SSUM, C, W, r0, r1, DV, DLR, M, D, eps,
+                            BM: tl.constexpr, BD: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.arange(0, BD)
+        rmask, cmask = rows < M, cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)  # V, Lg: source i's slot
+        rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
+        acc = tl.zeros([BM, BD], tl.float32)   # sum_r a_r g_r
+        accw = tl.zeros([BM, BD], tl.float32)  # sum_r dl_r W_r
+        sdl = tl.zeros([BM], tl.float32)       # sum_r dl_r l_r
+        gp = G + offs  # G starts at read r0's gradient; a step of M * D per read (64-bit pointer arithmetic)
+        for r in range(r0, r1):  # each later read's gradient is read once
+            g = tl.load(gp, mask=mask, other=0.0).to(tl.float32)
+            gp += M * D
+            lg = tl.load(Lg + r * M + rows, mask=rmask, other=0.0)
+            a = (tl.exp(lg - tl.load(MMAX + r * M + rows, mask=rmask, other=0.0))
+                 / tl.load(SSUM + r * M + rows, mask=rmask, other=1.0))
+            dl = a * (tl.sum(g * v, 1) - tl.load(C + r * M + rows, mask=rmask, other=0.0))
+            acc += a[:, None] * g
+            accw += dl[:, None] * tl.load(W + r * D + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            sdl += dl * lg
+            tl.store(DLR + (r - r0) * M + rows, dl * rinv, mask=rmask)
+        dv = acc + rinv[:, None] * accw - (sdl * rinv * rinv / D)[:, None] * v
+        tl.store(DV + offs, dv, mask=mask)
