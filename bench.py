@@ -108,7 +108,7 @@ def bench_variant(name, cfg, device):
             sync(device)
         sort = 'cuda_time_total' if device.type == 'cuda' else 'cpu_time_total'
         with open(cfg['json'].removesuffix('.json') + f'_profile_{name}.txt', 'w') as f:
-            f.write(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=90))
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90))
     return dict(variant=name, ms_per_step=1000 * dt, tok_per_s=tok_s, mfu=mfu, peak_mem_mb=peak_mb,
                 warmup_s=warmup_s, loss=loss.item(), params=model.get_num_params(),
                 flops_per_token=model.flops_per_token(), config=asdict(mcfg))

@@ -59,9 +59,10 @@ class FusedRouted(Routed):
             if r0 < R:  # Delta's last output is read by no one: no slot
                 self.ranges.append((r0, R if (s + 1) % S == 0 else r0 + 1))
         self.visible = [[i for i, (r0, r1) in enumerate(self.ranges) if r0 <= r < r1] for r in range(R)]
-        n = max(map(len, self.visible))
-        # (R, n) slot table for the kernels, -1 padded; moved to the device once, not every step
-        self.register_buffer('table', torch.tensor([v + [-1] * (n - len(v)) for v in self.visible],
+        n = max(map(len, self.visible)) + 1
+        # (R, n) slot table for the kernels, padded with slot 0 (a valid address, never used); moved to the
+        # device with the model, once, rather than every step
+        self.register_buffer('table', torch.tensor([v + [0] * (n - len(v)) for v in self.visible],
                                                    dtype=torch.int32), persistent=False)
 
     def fused(self, e):
@@ -71,8 +72,11 @@ class FusedRouted(Routed):
         if not self.fused(e):
             return super().start(e)
         router = Router(self, e, self.query * self.key_gain)
-        router.add(e, 0)
-        return {'x': e, 'partial': None, 'router': router}
+        # the token lives in the state, not in the Router: the ops' saved contexts point at the Router, so a
+        # Router that held a token (and through it the graph) would be a reference cycle, kept after backward
+        st = {'x': e, 'partial': None, 'router': router, 'token': e.new_zeros((), dtype=router.Lg.dtype)}
+        st['token'] = router.add(st['token'], e, 0)
+        return st
 
     def read(self, st, s):
         if 'router' not in st:
@@ -81,7 +85,8 @@ class FusedRouted(Routed):
             return st['x']  # as Routed: sublayer 0 of Delta reads e unrouted
         r = s - int(self.additive)
         gamma = None if self.gate is None else self.gate[r]
-        return st['router'].read(r, st['x'] if self.additive else None, gamma)
+        h, st['token'] = st['router'].read(st['token'], r, st['x'] if self.additive else None, gamma)
+        return h
 
     def write(self, st, s, out, h, c):
         if 'router' not in st:
@@ -90,14 +95,14 @@ class FusedRouted(Routed):
             st['x'] = st['x'] + out
         st['partial'] = out if st['partial'] is None else wide(st['partial']) + out  # as Routed
         if s + 1 < len(self.ranges):
-            st['router'].add(st['partial'], s + 1)
+            st['token'] = st['router'].add(st['token'], st['partial'], s + 1)
         if (s + 1) % self.S == 0:
             st['partial'] = None
 
     def final(self, st):
         if 'router' not in st or self.additive:
             return super().final(st)
-        return st['router'].read(self.n_reads - 1, None, None)
+        return st['router'].read(st['token'], self.n_reads - 1, None, None)[0]
 
 
 class Router:
@@ -115,15 +120,14 @@ class Router:
         self.mmax, self.ssum, self.c = (e.new_empty((R, M), dtype=acc) for _ in range(3))  # per read
         self.G = None  # (R, M, d) read-output gradients, allocated by the first read backward
         self.stream, self.W, self.shape = stream, W, (B, T, d)
-        self.token = e.new_zeros((), dtype=acc)
 
-    def add(self, v, slot):
+    # Each op takes the token of the op before it and returns a new one (see the top of this file)
+    def add(self, token, v, slot):
         r0, r1 = self.stream.ranges[slot]
-        self.token = _Source.apply(self.token, v, self.W, self, slot, r0, r1)
+        return _Source.apply(token, v, self.W, self, slot, r0, r1)
 
-    def read(self, r, base, gamma):
-        h, self.token = _Read.apply(self.token, base, gamma, self, r)
-        return h
+    def read(self, token, r, base, gamma):
+        return _Read.apply(token, base, gamma, self, r)  # (h, token)
 
 
 class _Source(torch.autograd.Function):
@@ -184,7 +188,7 @@ def add_source(ro, v, W, slot, r0, r1):
     if use_triton(v):
         v = v.contiguous()
         _add_source_kernel[(triton.cdiv(M, BM),)](v, W, ro.V[slot], ro.Lg[slot], r0, r1, M, d, EPS,
-                                                  BM=BM, BD=triton.next_power_of_2(d), num_warps=4)
+                                                  BM=BM, BD=triton.next_power_of_2(d), num_warps=WARPS)
     else:
         ro.V[slot] = v
         ro.Lg[slot, r0:r1] = source_logits(v, W[r0:r1], EPS).t()
@@ -205,7 +209,7 @@ def read_mix(ro, r, base, gamma):
             dummy if gamma is None else gamma, h, dummy if mix is None else mix, ro.mmax[r], ro.ssum[r], M, d,
             ro.Lg.size(1),
             HAS_BASE=base is not None, HAS_GAMMA=gamma is not None, BM=BM, BD=triton.next_power_of_2(d),
-            num_warps=4)
+            num_warps=WARPS)
     else:
         lg = ro.Lg[slots, r]                                       # (n, M)
         ro.mmax[r] = lg.max(0).values
@@ -226,7 +230,7 @@ def read_grad(ro, r, gh, mix, gamma):
     if use_triton(gh):
         _read_grad_kernel[(triton.cdiv(M, BM),)](gh.contiguous(), mix, gamma if gamma is not None else ch, ro.G[r],
                                                  ro.c[r], ch, M, d, HAS_GAMMA=gamma is not None, BM=BM,
-                                                 BD=triton.next_power_of_2(d), num_warps=4)
+                                                 BD=triton.next_power_of_2(d), num_warps=WARPS)
     else:
         g = gh if gamma is None else gamma * gh
         ro.G[r] = g
@@ -248,7 +252,7 @@ def source_grad(ro, i, r0, r1):
     if use_triton(dv):
         _source_grad_kernel[(triton.cdiv(M, BM),)](ro.V[i], ro.G[r0], ro.Lg[i], ro.mmax, ro.ssum, ro.c, ro.W, r0,
                                                    r1, dv, dlr, M, d, EPS, BM=BM,
-                                                   BD=triton.next_power_of_2(d), num_warps=4)
+                                                   BD=triton.next_power_of_2(d), num_warps=WARPS)
     else:
         v, G = ro.V[i].to(acc), ro.G[r0:r1].to(acc)                   # (M, d), (k, M, d)
         rinv = torch.rsqrt(v.pow(2).mean(-1) + EPS)                     # (M,)
@@ -261,7 +265,7 @@ def source_grad(ro, i, r0, r1):
     return dv, dlr
 
 
-BM = 4  # tokens per program: 4 x 1024 fp32 accumulators over 128 threads stay in registers
+BM, WARPS = 4, 4  # tokens per program and warps: a 4 x 1024 fp32 tile is 32 registers a thread
 
 if triton is not None:
     @triton.jit
@@ -294,11 +298,16 @@ if triton is not None:
             m = tl.maximum(m, tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0))
         s = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, BD], tl.float32)
-        for i in range(n):  # each source is read once
-            sl = tl.load(slots + i).to(tl.int64)
+        sl = tl.load(slots).to(tl.int64)
+        x_next = tl.load(V + sl * M * D + offs, mask=mask, other=0.0)
+        for i in range(n):  # each source is read once; the next one's load is issued before this one's math
+            x = x_next
             w = tl.exp(tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0) - m)
+            sl = tl.load(slots + i + 1).to(tl.int64)  # the table's padding makes slots[n] a valid slot
+            # (rows * 0 + ...: a vector condition, which the interpreter accepts in a mask as the compiler does)
+            x_next = tl.load(V + sl * M * D + offs, mask=mask & (rows * 0 + i + 1 < n)[:, None], other=0.0)
             s += w
-            acc += w[:, None] * tl.load(V + sl * M * D + offs, mask=mask, other=0.0).to(tl.float32)
+            acc += w[:, None] * x.to(tl.float32)
         mix = acc / s[:, None]
         tl.store(MMAX + rows, m, mask=rmask)  # this read's rows of the (R, M) statistics
         tl.store(SSUM + rows, s, mask=rmask)
@@ -336,20 +345,28 @@ if triton is not None:
         offs = rows[:, None].to(tl.int64) * D + cols[None, :]
         v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)  # V, Lg: source i's slot
         rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
-        acc = tl.zeros([BM, BD], tl.float32)   # sum_r a_r g_r
-        accw = tl.zeros([BM, BD], tl.float32)  # sum_r dl_r W_r
-        sdl = tl.zeros([BM], tl.float32)       # sum_r dl_r l_r
+        # pass 1 streams the reads' gradients (the bytes that matter): sum_r a_r g_r and each dl_r
+        acc = tl.zeros([BM, BD], tl.float32)
         gp = G + offs  # G starts at read r0's gradient; a step of M * D per read (64-bit pointer arithmetic)
-        for r in range(r0, r1):  # each later read's gradient is read once
-            g = tl.load(gp, mask=mask, other=0.0).to(tl.float32)
+        g_next = tl.load(gp, mask=mask, other=0.0)
+        for r in range(r0, r1):  # each later read's gradient is read once; the next load goes out first
+            g = g_next.to(tl.float32)
             gp += M * D
-            lg = tl.load(Lg + r * M + rows, mask=rmask, other=0.0)
-            a = (tl.exp(lg - tl.load(MMAX + r * M + rows, mask=rmask, other=0.0))
+            g_next = tl.load(gp, mask=mask & (rows * 0 + r + 1 < r1)[:, None], other=0.0)
+            a = (tl.exp(tl.load(Lg + r * M + rows, mask=rmask, other=0.0)
+                        - tl.load(MMAX + r * M + rows, mask=rmask, other=0.0))
                  / tl.load(SSUM + r * M + rows, mask=rmask, other=1.0))
             dl = a * (tl.sum(g * v, 1) - tl.load(C + r * M + rows, mask=rmask, other=0.0))
             acc += a[:, None] * g
+            tl.store(DLR + (r - r0) * M + rows, dl, mask=rmask)
+        tl.debug_barrier()  # pass 2 reads back what other threads of this program stored
+        # pass 2, small loads only (dl_r, l_r, W_r from cache): the logits' terms, kept out of pass 1's registers
+        accw = tl.zeros([BM, BD], tl.float32)  # sum_r dl_r W_r
+        sdl = tl.zeros([BM], tl.float32)       # sum_r dl_r l_r
+        for r in range(r0, r1):
+            dl = tl.load(DLR + (r - r0) * M + rows, mask=rmask, other=0.0)
             accw += dl[:, None] * tl.load(W + r * D + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            sdl += dl * lg
+            sdl += dl * tl.load(Lg + r * M + rows, mask=rmask, other=0.0)
             tl.store(DLR + (r - r0) * M + rows, dl * rinv, mask=rmask)
         dv = acc + rinv[:, None] * accw - (sdl * rinv * rinv / D)[:, None] * v
         tl.store(DV + offs, dv, mask=mask)

@@ -5,6 +5,7 @@ Triton kernels run under Triton's interpreter when triton is installed; on a GPU
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,19 @@ def test_fused_falls_back_to_plain_off_cuda_and_while_recording():
     torch.testing.assert_close(auto.routing_weights(idx), plain.routing_weights(idx))
     fused = build('fused', **CASES['delta_block4'])
     torch.testing.assert_close(fused.routing_weights(idx), plain.routing_weights(idx))
+
+
+def test_router_is_freed_after_backward(monkeypatch):
+    """The ops keep the Router for the backward; once the graph is gone, so is the Router (and its buffers):
+    no reference cycle keeps a step's sources alive into the next step."""
+    routers, init = [], fastroute.Router.__init__
+
+    def record(self, *args):
+        init(self, *args)
+        routers.append(weakref.ref(self))
+    monkeypatch.setattr(fastroute.Router, '__init__', record)
+    loss_and_grads(build('fused', **CASES['delta_block4']))
+    assert len(routers) == 1 and routers[0]() is None
 
 
 def test_no_grad_forward_and_bad_route_impl():
