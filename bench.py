@@ -71,7 +71,7 @@ def bench_variant(name, cfg, device):
     model = GPT(mcfg).to(device)  # fp32 weights; autocast below runs the matmuls in bf16, as train.py does
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
     if cfg['compile']:
-        model.compile()  # in place: one graph, or region by region with fused routing (see GPT.compile)
+        model.compile()  # in place, the whole model as one graph
     B, T = cfg['batch_size'], cfg['block_size']
     # random tokens: the speed of a step does not depend on the data, and no dataset is needed
     x = torch.randint(0, mcfg.vocab_size, (B, T), device=device)
@@ -139,7 +139,7 @@ def bench_routing(cfg, device):
         return hs + [stream.final(st)]
 
     fused = hasattr(stream, 'fused') and stream.fused(e)  # fastroute.FusedRouted on its own path
-    route = run if fused or not cfg['compile'] else torch.compile(run)  # the fused path needs no compiler
+    route = torch.compile(run) if cfg['compile'] else run
 
     def step():
         with autocast:

@@ -17,17 +17,21 @@ What the plain path costs, and what this one does instead (per token, d wide, n 
   so about 2 bytes per element per pair, with nothing accumulated in memory.
 
 How autograd is made to run a source's backward after all of its reads: every op here takes and returns
-a 0-dim "token" tensor, chained in forward order. Backward runs the chain in reverse, so when source i's
-backward runs, every later read's backward has run and left its g_r in the shared Router. The sources are
-not autograd inputs of the reads (the reads find them in the Router's buffer), so autograd never builds
-one gradient tensor per pair.
+a 0-dim "token" tensor, chained in forward order, and every backward op takes and returns the token's
+gradient. Backward runs the chain in reverse, so when source i's backward runs, every later read's backward
+has run and left its g_r in the Router (the buffers of one forward pass). The sources are not autograd
+inputs of the reads (the reads find them in the Router's buffer), so autograd never builds one gradient
+tensor per pair.
 
-Kernels: Triton on CUDA (and on CPU under TRITON_INTERPRET=1, for tests); elsewhere the same arithmetic in
-torch. The compiler cannot trace the Router (it keeps Python state between forward and backward), so a
-model that uses it is compiled region by region: see GPT.compile in model.py.
+The ops are registered with torch.library: torch.compile keeps each as one call in the model's graph (the
+tokens order them there too) and fuses everything around them. Kernels: Triton on CUDA (and on CPU under
+TRITON_INTERPRET=1, for tests); elsewhere the same arithmetic in torch.
 """
 
+import math
 import os
+import weakref
+from typing import Optional
 
 import torch
 
@@ -64,6 +68,10 @@ class FusedRouted(Routed):
         # device with the model, once, rather than every step
         self.register_buffer('table', torch.tensor([v + [0] * (n - len(v)) for v in self.visible],
                                                    dtype=torch.int32), persistent=False)
+        # the ops find this stream's plan and its latest Router by this key (ints pass through the compiler)
+        self.key = len(PLANS) and max(PLANS) + 1
+        PLANS[self.key] = Plan(self.ranges, self.visible, R)
+        weakref.finalize(self, PLANS.pop, self.key, None)
 
     def fused(self, e):
         return self.record is None and (self.impl == 'fused' or (self.impl == 'auto' and e.is_cuda))
@@ -71,109 +79,183 @@ class FusedRouted(Routed):
     def start(self, e):
         if not self.fused(e):
             return super().start(e)
-        router = Router(self, e, self.query * self.key_gain)
-        # the token lives in the state, not in the Router: the ops' saved contexts point at the Router, so a
-        # Router that held a token (and through it the graph) would be a reference cycle, kept after backward
-        st = {'x': e, 'partial': None, 'router': router, 'token': e.new_zeros((), dtype=router.Lg.dtype)}
-        st['token'] = router.add(st['token'], e, 0)
-        return st
+        dev = e.device.type  # sources are stored as the sublayers output them: the autocast dtype, if on
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else e.dtype
+        W = self.query * self.key_gain
+        token = torch.ops.fastroute.start(e.detach(), self.key, dtype)
+        return {'x': e, 'W': W, 'partial': None, 'dtype': dtype,
+                'token': torch.ops.fastroute.add(token, e, W, self.key, 0)}
 
     def read(self, st, s):
-        if 'router' not in st:
+        if 'token' not in st:
             return super().read(st, s)
         if self.additive and s == 0:
             return st['x']  # as Routed: sublayer 0 of Delta reads e unrouted
         r = s - int(self.additive)
         gamma = None if self.gate is None else self.gate[r]
-        h, st['token'] = st['router'].read(st['token'], r, st['x'] if self.additive else None, gamma)
+        return self._read(st, r, st['x'] if self.additive else None, gamma)
+
+    def _read(self, st, r, base, gamma):
+        h, _, st['token'] = torch.ops.fastroute.read(st['token'], base, gamma, self.table[r], self.key, r,
+                                                     list(st['x'].shape), st['dtype'])
         return h
 
     def write(self, st, s, out, h, c):
-        if 'router' not in st:
+        if 'token' not in st:
             return super().write(st, s, out, h, c)
         if self.additive:
             st['x'] = st['x'] + out
         st['partial'] = out if st['partial'] is None else wide(st['partial']) + out  # as Routed
         if s + 1 < len(self.ranges):
-            st['token'] = st['router'].add(st['token'], st['partial'], s + 1)
+            st['token'] = torch.ops.fastroute.add(st['token'], st['partial'], st['W'], self.key, s + 1)
         if (s + 1) % self.S == 0:
             st['partial'] = None
 
     def final(self, st):
-        if 'router' not in st or self.additive:
+        if 'token' not in st or self.additive:
             return super().final(st)
-        return st['router'].read(st['token'], self.n_reads - 1, None, None)[0]
+        return self._read(st, self.n_reads - 1, None, None)
+
+
+class Plan:
+    """A stream's slots and reads, and the Router of its latest forward pass (one forward at a time: the
+    backward of a step must run before the next step's forward, as in training)."""
+
+    def __init__(self, ranges, visible, n_reads):
+        self.ranges, self.visible, self.n_reads, self.router = ranges, visible, n_reads, None
+
+
+PLANS = {}
 
 
 class Router:
     """The sources, logits and softmax statistics of one forward pass, shared by its ops."""
 
-    def __init__(self, stream, e, W):
-        dev = e.device.type
+    def __init__(self, plan, e, dtype):
         B, T, d = e.shape
-        n, R, M = len(stream.ranges), stream.n_reads, B * T
-        # sources are stored in the autocast dtype (what the sublayers output), statistics in fp32 (or wider)
-        self.dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else e.dtype
-        acc = wide(e).dtype
-        self.V = e.new_empty((n, M, d), dtype=self.dtype)     # slot i: source i, (M, d)
-        self.Lg = e.new_empty((n, R, M), dtype=acc)           # its logit against read r, where r sees it
+        n, R, M = len(plan.ranges), plan.n_reads, B * T
+        acc = wide(e).dtype  # statistics in fp32 (or wider)
+        self.V = e.new_empty((n, M, d), dtype=dtype)     # slot i: source i, (M, d)
+        self.Lg = e.new_empty((n, R, M), dtype=acc)      # its logit against read r, where r sees it
         self.mmax, self.ssum, self.c = (e.new_empty((R, M), dtype=acc) for _ in range(3))  # per read
         self.G = None  # (R, M, d) read-output gradients, allocated by the first read backward
-        self.stream, self.W, self.shape = stream, W, (B, T, d)
+        self.plan, self.shape = plan, (B, T, d)
 
-    # Each op takes the token of the op before it and returns a new one (see the top of this file)
-    def add(self, token, v, slot):
-        r0, r1 = self.stream.ranges[slot]
-        return _Source.apply(token, v, self.W, self, slot, r0, r1)
+# ----------------------------------------------------------------------------------------------------------
+# The ops, registered with torch.library so that torch.compile keeps each as one opaque call in its graph.
+# Each takes the token of the op before it and returns a new one (see the top of this file); their
+# backward ops take and return the token's gradient, so the compiled backward keeps the same order.
 
-    def read(self, token, r, base, gamma):
-        return _Read.apply(token, base, gamma, self, r)  # (h, token)
+@torch.library.custom_op('fastroute::start', mutates_args=())
+def start_op(e: torch.Tensor, key: int, dtype: torch.dtype) -> torch.Tensor:
+    PLANS[key].router = Router(PLANS[key], e, dtype)
+    return e.new_zeros((), dtype=wide(e).dtype)
 
 
-class _Source(torch.autograd.Function):
+@torch.library.custom_op('fastroute::add', mutates_args=())
+def add_op(token: torch.Tensor, v: torch.Tensor, W: torch.Tensor, key: int, slot: int) -> torch.Tensor:
     """Registers a source: stores it and its logits against the reads that will see it. Its backward is
     the source's whole gradient (and its share of the queries' gradient)."""
+    ro = PLANS[key].router
+    with torch.autocast(v.device.type, enabled=False):
+        add_source(ro, v.reshape(-1, v.size(-1)), W, slot, *ro.plan.ranges[slot])
+    return token.clone()
 
-    @staticmethod
-    def forward(ctx, token, v, W, router, slot, r0, r1):
-        with torch.autocast(v.device.type, enabled=False):
-            add_source(router, v.reshape(-1, v.size(-1)), W, slot, r0, r1)
-        ctx.router, ctx.slot, ctx.r0, ctx.r1, ctx.v_dtype = router, slot, r0, r1, v.dtype
-        return token.clone()
 
-    @staticmethod
-    def backward(ctx, g_token):
-        ro, slot, r0, r1 = ctx.router, ctx.slot, ctx.r0, ctx.r1
-        v = ro.V[slot]
-        dv, dlr = source_grad(ro, slot, r0, r1)  # dlr: (r1 - r0, M) logit gradients over rms(v)
-        dW = torch.zeros_like(ro.W)
+@torch.library.custom_op('fastroute::add_backward', mutates_args=())
+def add_backward_op(g_token: torch.Tensor, W: torch.Tensor, key: int, slot: int, shape: list[int],
+                    v_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ro = PLANS[key].router
+    r0, r1 = ro.plan.ranges[slot]
+    v = ro.V[slot]
+    with torch.autocast(v.device.type, enabled=False):
+        dv, dlr = source_grad(ro, W, slot, r0, r1)  # dlr: (r1 - r0, M) logit gradients over rms(v)
+        dW = torch.zeros_like(W)
         # dL/dW_r = sum over tokens of dl_r * v / rms(v): the logit is (W_r . v) / rms(v)
         dW[r0:r1] = (dlr.to(v.dtype) @ v).to(dW.dtype)
-        return g_token, dv.view(*ro.shape).to(ctx.v_dtype), dW, None, None, None, None
+    if slot == 0:  # the embedding's backward is the last of the chain: the step's buffers can go now
+        PLANS[key].router = None
+    return dv.view(shape).to(v_dtype), dW, g_token.clone()
 
 
-class _Read(torch.autograd.Function):
-    """One routed read: h = mix (AttnRes) or base + gamma * mix (Delta). Its backward leaves g_r = gamma dL/dh
-    and c_r = g_r . mix in the Router for the sources' backward."""
+@torch.library.custom_op('fastroute::read', mutates_args=())
+def read_op(token: torch.Tensor, base: Optional[torch.Tensor], gamma: Optional[torch.Tensor], slots: torch.Tensor,
+            key: int, r: int, shape: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One routed read: h = mix (AttnRes) or base + gamma * mix (Delta), and (Delta) the mix in the storage
+    dtype for the backward."""
+    ro = PLANS[key].router
+    with torch.autocast(ro.V.device.type, enabled=False):
+        h, mix = read_mix(ro, r, slots, base, gamma)
+    return h.view(shape), (mix if mix is not None else h.new_empty(0, dtype=dtype)), token.clone()
 
-    @staticmethod
-    def forward(ctx, token, base, gamma, router, r):
-        with torch.autocast(router.V.device.type, enabled=False):
-            h, mix = read_mix(router, r, base, gamma)
-        ctx.router, ctx.r, ctx.has_base, ctx.has_gamma = router, r, base is not None, gamma is not None
-        ctx.save_for_backward(mix if mix is not None else h, gamma)  # AttnRes: h is the mix
-        return h.view(router.shape), token.clone()
 
-    @staticmethod
-    def backward(ctx, g_h, g_token):
-        mix, gamma = ctx.saved_tensors
-        ro = ctx.router
-        if ro.G is None:  # the last read's backward comes first
-            ro.G = ro.V.new_empty((ro.mmax.size(0),) + ro.V.shape[1:])
-        gh = g_h.reshape(-1, g_h.size(-1))
-        ch = read_grad(ro, ctx.r, gh, mix, gamma)  # per token g_h . mix, for the gate's gradient
-        dgamma = ch.sum().to(gamma.dtype) if ctx.has_gamma else None
-        return g_token, (g_h if ctx.has_base else None), dgamma, None, None
+@torch.library.custom_op('fastroute::read_backward', mutates_args=())
+def read_backward_op(g_token: torch.Tensor, g_h: torch.Tensor, mix: torch.Tensor, gamma: Optional[torch.Tensor],
+                     key: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leaves g_r = gamma dL/dh and c_r = g_r . mix in the Router for the sources' backward; returns
+    dL/dh . mix per token (for the gate's gradient)."""
+    ro = PLANS[key].router
+    if ro.G is None:  # the last read's backward comes first
+        ro.G = ro.V.new_empty((ro.plan.n_reads,) + ro.V.shape[1:])
+    with torch.autocast(ro.V.device.type, enabled=False):
+        ch = read_grad(ro, r, g_h.reshape(-1, g_h.size(-1)), mix.reshape(-1, g_h.size(-1)), gamma)
+    return ch, g_token.clone()
+
+
+@start_op.register_fake
+def _(e, key, dtype):
+    return e.new_empty((), dtype=wide(e).dtype)
+
+
+@add_op.register_fake
+def _(token, v, W, key, slot):
+    return token.new_empty(())
+
+
+@add_backward_op.register_fake
+def _(g_token, W, key, slot, shape, v_dtype):
+    return g_token.new_empty(shape, dtype=v_dtype), torch.empty_like(W), g_token.new_empty(())
+
+
+@read_op.register_fake
+def _(token, base, gamma, slots, key, r, shape, dtype):
+    mix = token.new_empty((math.prod(shape[:-1]), shape[-1]) if base is not None else (0,), dtype=dtype)
+    return token.new_empty(shape), mix, token.new_empty(())
+
+
+@read_backward_op.register_fake
+def _(g_token, g_h, mix, gamma, key, r):
+    return g_token.new_empty(g_h.numel() // g_h.size(-1)), g_token.new_empty(())
+
+
+def _add_setup(ctx, inputs, output):
+    token, v, W, key, slot = inputs
+    ctx.key, ctx.slot, ctx.shape, ctx.v_dtype = key, slot, list(v.shape), v.dtype
+    ctx.save_for_backward(W)
+
+
+def _add_backward(ctx, g_token):
+    W, = ctx.saved_tensors
+    dv, dW, g_token = add_backward_op(g_token, W, ctx.key, ctx.slot, ctx.shape, ctx.v_dtype)
+    return g_token, dv, dW, None, None
+
+
+def _read_setup(ctx, inputs, output):
+    token, base, gamma, slots, key, r, shape, dtype = inputs
+    h, mix, _ = output
+    ctx.key, ctx.r, ctx.has_base = key, r, base is not None
+    ctx.save_for_backward(mix if base is not None else h, gamma)  # AttnRes: h is the mix
+
+
+def _read_backward(ctx, g_h, g_mix, g_token):
+    mix, gamma = ctx.saved_tensors
+    ch, g_token = read_backward_op(g_token, g_h, mix, gamma, ctx.key, ctx.r)
+    dgamma = None if gamma is None else ch.sum().to(gamma.dtype)
+    return g_token, (g_h if ctx.has_base else None), dgamma, None, None, None, None, None
+
+
+add_op.register_autograd(_add_backward, setup_context=_add_setup)
+read_op.register_autograd(_read_backward, setup_context=_read_setup)
 
 # ----------------------------------------------------------------------------------------------------------
 # The three computations, each in torch (the definition) and in Triton (one pass over memory)
@@ -194,10 +276,10 @@ def add_source(ro, v, W, slot, r0, r1):
         ro.Lg[slot, r0:r1] = source_logits(v, W[r0:r1], EPS).t()
 
 
-def read_mix(ro, r, base, gamma):
+def read_mix(ro, r, table, base, gamma):
     """The mixture of the sources read r sees; its softmax max and sum are kept for the backward.
     Returns h (M, d) and, for Delta, the mix in the storage dtype (None for AttnRes, whose h is the mix)."""
-    slots = ro.stream.visible[r]
+    slots = ro.plan.visible[r]
     M, d = ro.V.shape[1:]
     acc = ro.Lg.dtype
     h = ro.V.new_empty((M, d), dtype=acc)
@@ -205,7 +287,7 @@ def read_mix(ro, r, base, gamma):
     if use_triton(h):
         dummy = h  # unused pointer arguments
         _read_kernel[(triton.cdiv(M, BM),)](
-            ro.V, ro.Lg, ro.stream.table[r], len(slots), r, dummy if base is None else base.contiguous(),
+            ro.V, ro.Lg, table, len(slots), r, dummy if base is None else base.contiguous(),
             dummy if gamma is None else gamma, h, dummy if mix is None else mix, ro.mmax[r], ro.ssum[r], M, d,
             ro.Lg.size(1),
             HAS_BASE=base is not None, HAS_GAMMA=gamma is not None, BM=BM, BD=triton.next_power_of_2(d),
@@ -239,7 +321,7 @@ def read_grad(ro, r, gh, mix, gamma):
     return ch
 
 
-def source_grad(ro, i, r0, r1):
+def source_grad(ro, W, i, r0, r1):
     """dL/dv_i (M, d) from the reads r0 <= r < r1 that saw source i, and the logit gradients over rms(v_i)
     (r1 - r0, M) for the queries' gradient. With a_r = softmax weight, l_r = logit, g_r = read gradient:
         dl_r = a_r (g_r . v - c_r)
@@ -250,7 +332,7 @@ def source_grad(ro, i, r0, r1):
     dv = ro.V.new_empty((M, d), dtype=acc)
     dlr = ro.V.new_empty((r1 - r0, M), dtype=acc)
     if use_triton(dv):
-        _source_grad_kernel[(triton.cdiv(M, BM),)](ro.V[i], ro.G[r0], ro.Lg[i], ro.mmax, ro.ssum, ro.c, ro.W, r0,
+        _source_grad_kernel[(triton.cdiv(M, BM),)](ro.V[i], ro.G[r0], ro.Lg[i], ro.mmax, ro.ssum, ro.c, W, r0,
                                                    r1, dv, dlr, M, d, EPS, BM=BM,
                                                    BD=triton.next_power_of_2(d), num_warps=WARPS)
     else:
@@ -259,7 +341,7 @@ def source_grad(ro, i, r0, r1):
         lg = ro.Lg[i, r0:r1]                                            # (k, M)
         a = (lg - ro.mmax[r0:r1]).exp() / ro.ssum[r0:r1]
         dl = a * (torch.einsum('kmd,md->km', G, v) - ro.c[r0:r1])
-        dv = (torch.einsum('km,kmd->md', a, G) + rinv[:, None] * (dl.t() @ ro.W[r0:r1].to(acc))
+        dv = (torch.einsum('km,kmd->md', a, G) + rinv[:, None] * (dl.t() @ W[r0:r1].to(acc))
               - ((dl * lg).sum(0) * rinv ** 2 / d)[:, None] * v)
         dlr = dl * rinv
     return dv, dlr

@@ -302,9 +302,8 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         # the variant goes last: the init above touches only Linear and Embedding modules, not its parameters
         r = config.residual
-        self.fused = r in ('attnres', 'delta') and config.route_impl != 'plain'
-        if self.fused:  # the same math and parameters as Routed, fused for the GPU (fastroute.py)
-            from fastroute import FusedRouted as Routing
+        if r in ('attnres', 'delta') and config.route_impl != 'plain':
+            from fastroute import FusedRouted as Routing  # Routed's math and parameters, fused for the GPU
         else:
             Routing = Routed
         self.stream = (Standard() if r == 'standard' else DeepDelta(config) if r == 'ddl'
@@ -352,18 +351,6 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    def compile(self):
-        """torch.compile in place (the state_dict keeps its plain names). The whole forward is one graph,
-        except with fused routing (fastroute.py), which the compiler cannot trace: then each sublayer
-        function and the head are compiled on their own, and the stream runs between them. Those regions
-        repeat, so this also compiles in a fraction of the time."""
-        if not self.fused:
-            return super().compile()
-        for block in self.transformer.h:  # the same code in every layer: each region compiles once
-            for module in (block.ln_1, block.attn, block.ln_2, block.mlp):
-                module.compile()
-        self.head = torch.compile(self.head)
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Sample max_new_tokens tokens after idx (B, T), feeding each prediction back in."""
@@ -391,7 +378,7 @@ class GPT(nn.Module):
             return None
         self.stream.record = []  # Routed._route appends (weights, number of finished sources) to it
         try:
-            self.forward(idx)  # forward, not __call__: eager even after GPT.compile
+            self.forward(idx)  # forward, not __call__: eager even after model.compile()
             record = self.stream.record
         finally:
             self.stream.record = None

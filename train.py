@@ -425,8 +425,8 @@ def train(argv, ddp):
     elif cfg.compile and (sys.platform == 'win32' or find_spec('triton') is None):  # compile needs triton on CUDA
         compiled = 'off (no triton: not installed, or Windows; running eager)'
     elif cfg.compile:
-        model.compile()  # in place (see GPT.compile), so raw_model is the compiled model too
-        compiled = 'on, region by region (fused routing)' if model.fused else 'on'
+        model.compile()  # in place: the state_dict keeps its names, raw_model is compiled too
+        compiled = 'on'
     eval_model = model  # eval needs no DDP wrapper: there are no gradients to synchronise
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
