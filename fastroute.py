@@ -138,92 +138,108 @@ class Router:
         self.V = e.new_empty((n, M, d), dtype=dtype)     # slot i: source i, (M, d)
         self.Lg = e.new_empty((n, R, M), dtype=acc)      # its logit against read r, where r sees it
         self.mmax, self.ssum, self.c = (e.new_empty((R, M), dtype=acc) for _ in range(3))  # per read
-        self.G = None  # (R, M, d) read-output gradients, allocated by the first read backward
+        self.G = None   # (R, M, d) read-output gradients, allocated by the first read backward
+        self.dW = None  # (R, d) the queries' gradient, summed over the sources' backward
         self.plan, self.shape = plan, (B, T, d)
 
 # ----------------------------------------------------------------------------------------------------------
 # The ops, registered with torch.library so that torch.compile keeps each as one opaque call in its graph.
 # Each takes the token of the op before it and returns a new one (see the top of this file); their
 # backward ops take and return the token's gradient, so the compiled backward keeps the same order.
+# They run once per sublayer, so they are kept lean: a plain Library kernel (the least dispatch overhead)
+# and no work on the token but a 0-dim allocation.
 
-@torch.library.custom_op('fastroute::start', mutates_args=())
-def start_op(e: torch.Tensor, key: int, dtype: torch.dtype) -> torch.Tensor:
+LIB = torch.library.Library('fastroute', 'DEF')
+LIB.define('start(Tensor e, int key, ScalarType dtype) -> Tensor')
+LIB.define('add(Tensor token, Tensor v, Tensor W, int key, int slot) -> Tensor')
+LIB.define('add_backward(Tensor g_token, Tensor W, int key, int slot, SymInt[] shape, ScalarType v_dtype)'
+           ' -> (Tensor, Tensor, Tensor)')
+LIB.define('read(Tensor token, Tensor? base, Tensor? gamma, Tensor slots, int key, int r, SymInt[] shape,'
+           ' ScalarType dtype) -> (Tensor, Tensor, Tensor)')
+LIB.define('read_backward(Tensor g_token, Tensor g_h, Tensor mix, Tensor? gamma, int key, int r) -> (Tensor, Tensor)')
+
+
+def impl(name):
+    def register(fn):
+        LIB.impl(name, fn, 'CompositeExplicitAutograd')  # every device; autograd is registered below
+        return fn
+    return register
+
+
+@impl('start')
+def start_op(e, key, dtype):
     PLANS[key].router = Router(PLANS[key], e, dtype)
-    return e.new_zeros((), dtype=wide(e).dtype)
+    return e.new_empty((), dtype=wide(e).dtype)
 
 
-@torch.library.custom_op('fastroute::add', mutates_args=())
-def add_op(token: torch.Tensor, v: torch.Tensor, W: torch.Tensor, key: int, slot: int) -> torch.Tensor:
-    """Registers a source: stores it and its logits against the reads that will see it. Its backward is
-    the source's whole gradient (and its share of the queries' gradient)."""
+@impl('add')
+def add_op(token, v, W, key, slot):
+    """Registers a source: stores it and its logits against the reads that will see it."""
     ro = PLANS[key].router
-    with torch.autocast(v.device.type, enabled=False):
-        add_source(ro, v.reshape(-1, v.size(-1)), W, slot, *ro.plan.ranges[slot])
-    return token.clone()
+    add_source(ro, v.reshape(-1, v.size(-1)), W, slot, *ro.plan.ranges[slot])
+    return token.new_empty(())
 
 
-@torch.library.custom_op('fastroute::add_backward', mutates_args=())
-def add_backward_op(g_token: torch.Tensor, W: torch.Tensor, key: int, slot: int, shape: list[int],
-                    v_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@impl('add_backward')
+def add_backward_op(g_token, W, key, slot, shape, v_dtype):
+    """The source's whole gradient. The queries' gradient is summed over all sources in the Router and
+    returned once, by the embedding's backward, which is the last of the chain."""
     ro = PLANS[key].router
     r0, r1 = ro.plan.ranges[slot]
     v = ro.V[slot]
-    with torch.autocast(v.device.type, enabled=False):
-        dv, dlr = source_grad(ro, W, slot, r0, r1)  # dlr: (r1 - r0, M) logit gradients over rms(v)
-        dW = torch.zeros_like(W)
-        # dL/dW_r = sum over tokens of dl_r * v / rms(v): the logit is (W_r . v) / rms(v)
-        dW[r0:r1] = (dlr.to(v.dtype) @ v).to(dW.dtype)
-    if slot == 0:  # the embedding's backward is the last of the chain: the step's buffers can go now
-        PLANS[key].router = None
-    return dv.view(shape).to(v_dtype), dW, g_token.clone()
+    dv, dlr = source_grad(ro, W, slot, r0, r1)  # dlr: (r1 - r0, M) logit gradients over rms(v)
+    if ro.dW is None:
+        ro.dW = torch.zeros_like(W)
+    # dL/dW_r = sum over tokens of dl_r * v / rms(v): the logit is (W_r . v) / rms(v)
+    ro.dW[r0:r1] += dlr.to(v.dtype) @ v
+    dW = W.new_empty(W.shape)  # unused but for the embedding's slot, the last of the chain:
+    if slot == 0:              # there the queries' gradient is complete, and the step's buffers can go
+        dW, PLANS[key].router = ro.dW, None
+    return dv.view(shape).to(v_dtype), dW, g_token.new_empty(())
 
 
-@torch.library.custom_op('fastroute::read', mutates_args=())
-def read_op(token: torch.Tensor, base: Optional[torch.Tensor], gamma: Optional[torch.Tensor], slots: torch.Tensor,
-            key: int, r: int, shape: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@impl('read')
+def read_op(token, base, gamma, slots, key, r, shape, dtype):
     """One routed read: h = mix (AttnRes) or base + gamma * mix (Delta), and (Delta) the mix in the storage
     dtype for the backward."""
     ro = PLANS[key].router
-    with torch.autocast(ro.V.device.type, enabled=False):
-        h, mix = read_mix(ro, r, slots, base, gamma)
-    return h.view(shape), (mix if mix is not None else h.new_empty(0, dtype=dtype)), token.clone()
+    h, mix = read_mix(ro, r, slots, base, gamma)
+    return h.view(shape), (mix if mix is not None else h.new_empty(0, dtype=dtype)), token.new_empty(())
 
 
-@torch.library.custom_op('fastroute::read_backward', mutates_args=())
-def read_backward_op(g_token: torch.Tensor, g_h: torch.Tensor, mix: torch.Tensor, gamma: Optional[torch.Tensor],
-                     key: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+@impl('read_backward')
+def read_backward_op(g_token, g_h, mix, gamma, key, r):
     """Leaves g_r = gamma dL/dh and c_r = g_r . mix in the Router for the sources' backward; returns
     dL/dh . mix per token (for the gate's gradient)."""
     ro = PLANS[key].router
     if ro.G is None:  # the last read's backward comes first
         ro.G = ro.V.new_empty((ro.plan.n_reads,) + ro.V.shape[1:])
-    with torch.autocast(ro.V.device.type, enabled=False):
-        ch = read_grad(ro, r, g_h.reshape(-1, g_h.size(-1)), mix.reshape(-1, g_h.size(-1)), gamma)
-    return ch, g_token.clone()
+    d = g_h.size(-1)
+    return read_grad(ro, r, g_h.reshape(-1, d), mix.reshape(-1, d), gamma), g_token.new_empty(())
 
 
-@start_op.register_fake
+@torch.library.register_fake('fastroute::start')
 def _(e, key, dtype):
     return e.new_empty((), dtype=wide(e).dtype)
 
 
-@add_op.register_fake
+@torch.library.register_fake('fastroute::add')
 def _(token, v, W, key, slot):
     return token.new_empty(())
 
 
-@add_backward_op.register_fake
+@torch.library.register_fake('fastroute::add_backward')
 def _(g_token, W, key, slot, shape, v_dtype):
     return g_token.new_empty(shape, dtype=v_dtype), torch.empty_like(W), g_token.new_empty(())
 
 
-@read_op.register_fake
+@torch.library.register_fake('fastroute::read')
 def _(token, base, gamma, slots, key, r, shape, dtype):
     mix = token.new_empty((math.prod(shape[:-1]), shape[-1]) if base is not None else (0,), dtype=dtype)
     return token.new_empty(shape), mix, token.new_empty(())
 
 
-@read_backward_op.register_fake
+@torch.library.register_fake('fastroute::read_backward')
 def _(g_token, g_h, mix, gamma, key, r):
     return g_token.new_empty(g_h.numel() // g_h.size(-1)), g_token.new_empty(())
 
@@ -236,8 +252,8 @@ def _add_setup(ctx, inputs, output):
 
 def _add_backward(ctx, g_token):
     W, = ctx.saved_tensors
-    dv, dW, g_token = add_backward_op(g_token, W, ctx.key, ctx.slot, ctx.shape, ctx.v_dtype)
-    return g_token, dv, dW, None, None
+    dv, dW, g_token = torch.ops.fastroute.add_backward(g_token, W, ctx.key, ctx.slot, ctx.shape, ctx.v_dtype)
+    return g_token, dv, (dW if ctx.slot == 0 else None), None, None
 
 
 def _read_setup(ctx, inputs, output):
@@ -249,13 +265,13 @@ def _read_setup(ctx, inputs, output):
 
 def _read_backward(ctx, g_h, g_mix, g_token):
     mix, gamma = ctx.saved_tensors
-    ch, g_token = read_backward_op(g_token, g_h, mix, gamma, ctx.key, ctx.r)
+    ch, g_token = torch.ops.fastroute.read_backward(g_token, g_h, mix, gamma, ctx.key, ctx.r)
     dgamma = None if gamma is None else ch.sum().to(gamma.dtype)
     return g_token, (g_h if ctx.has_base else None), dgamma, None, None, None, None, None
 
 
-add_op.register_autograd(_add_backward, setup_context=_add_setup)
-read_op.register_autograd(_read_backward, setup_context=_read_setup)
+torch.library.register_autograd('fastroute::add', _add_backward, setup_context=_add_setup)
+torch.library.register_autograd('fastroute::read', _read_backward, setup_context=_read_setup)
 
 # ----------------------------------------------------------------------------------------------------------
 # The three computations, each in torch (the definition) and in Triton (one pass over memory)
@@ -297,8 +313,9 @@ def read_mix(ro, r, table, base, gamma):
         ro.mmax[r] = lg.max(0).values
         w = (lg - ro.mmax[r]).exp()
         ro.ssum[r] = w.sum(0)
-        # (n, M) weights against (n, M, d) sources -> (M, d)
-        h = torch.einsum('nm,nmd->md', w / ro.ssum[r], ro.V[slots].to(acc))
+        with torch.autocast(h.device.type, enabled=False):  # einsum would otherwise run in the autocast dtype
+            # (n, M) weights against (n, M, d) sources -> (M, d)
+            h = torch.einsum('nm,nmd->md', w / ro.ssum[r], ro.V[slots].to(acc))
         if base is not None:
             mix[:] = h
             h = base.reshape(M, d) + (h if gamma is None else gamma * h)
@@ -329,13 +346,14 @@ def source_grad(ro, W, i, r0, r1):
     the last two terms being d l_r / dv = W_r / rms(v) - l_r v / (d rms(v)^2) (the RMS of the key)."""
     M, d = ro.V.shape[1:]
     acc = ro.Lg.dtype
-    dv = ro.V.new_empty((M, d), dtype=acc)
-    dlr = ro.V.new_empty((r1 - r0, M), dtype=acc)
-    if use_triton(dv):
+    if use_triton(ro.V):
+        dv = ro.V.new_empty((M, d), dtype=acc)
+        dlr = ro.V.new_empty((r1 - r0, M), dtype=acc)
         _source_grad_kernel[(triton.cdiv(M, BM),)](ro.V[i], ro.G[r0], ro.Lg[i], ro.mmax, ro.ssum, ro.c, W, r0,
                                                    r1, dv, dlr, M, d, EPS, BM=BM,
                                                    BD=triton.next_power_of_2(d), num_warps=WARPS)
-    else:
+        return dv, dlr
+    with torch.autocast(ro.V.device.type, enabled=False):  # the matmul and einsums in fp32 (or fp64)
         v, G = ro.V[i].to(acc), ro.G[r0:r1].to(acc)                   # (M, d), (k, M, d)
         rinv = torch.rsqrt(v.pow(2).mean(-1) + EPS)                     # (M,)
         lg = ro.Lg[i, r0:r1]                                            # (k, M)
@@ -343,8 +361,7 @@ def source_grad(ro, W, i, r0, r1):
         dl = a * (torch.einsum('kmd,md->km', G, v) - ro.c[r0:r1])
         dv = (torch.einsum('km,kmd->md', a, G) + rinv[:, None] * (dl.t() @ W[r0:r1].to(acc))
               - ((dl * lg).sum(0) * rinv ** 2 / d)[:, None] * v)
-        dlr = dl * rinv
-    return dv, dlr
+    return dv, dl * rinv
 
 
 BM, WARPS = 4, 4  # tokens per program and warps: a 4 x 1024 fp32 tile is 32 registers a thread
