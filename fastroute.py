@@ -82,9 +82,9 @@ class FusedRouted(Routed):
         dev = e.device.type  # sources are stored as the sublayers output them: the autocast dtype, if on
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else e.dtype
         W = self.query * self.key_gain
-        token = torch.ops.fastroute.start(e.detach(), self.key, dtype)
-        return {'x': e, 'W': W, 'partial': None, 'dtype': dtype,
-                'token': torch.ops.fastroute.add(token, e, W, self.key, 0)}
+        # 'new': the source the last write made (slot, tensor); the next read registers it as it reads
+        return {'x': e, 'W': W, 'partial': None, 'dtype': dtype, 'new': None,
+                'token': torch.ops.fastroute.start(e, W, self.key, dtype)}
 
     def read(self, st, s):
         if 'token' not in st:
@@ -96,8 +96,10 @@ class FusedRouted(Routed):
         return self._read(st, r, st['x'] if self.additive else None, gamma)
 
     def _read(self, st, r, base, gamma):
-        h, _, st['token'] = torch.ops.fastroute.read(st['token'], base, gamma, self.table[r], self.key, r,
-                                                     list(st['x'].shape), st['dtype'])
+        slot, v = st['new'] or (-1, None)
+        h, _, st['token'] = torch.ops.fastroute.read(st['token'], v, st['W'], base, gamma, self.table[r],
+                                                     self.key, slot, r, list(st['x'].shape), st['dtype'])
+        st['new'] = None
         return h
 
     def write(self, st, s, out, h, c):
@@ -106,8 +108,8 @@ class FusedRouted(Routed):
         if self.additive:
             st['x'] = st['x'] + out
         st['partial'] = out if st['partial'] is None else wide(st['partial']) + out  # as Routed
-        if s + 1 < len(self.ranges):
-            st['token'] = torch.ops.fastroute.add(st['token'], st['partial'], st['W'], self.key, s + 1)
+        if s + 1 < len(self.ranges):  # a source for the reads to come, registered by the next one
+            st['new'] = (s + 1, st['partial'])
         if (s + 1) % self.S == 0:
             st['partial'] = None
 
@@ -144,19 +146,19 @@ class Router:
 
 # ----------------------------------------------------------------------------------------------------------
 # The ops, registered with torch.library so that torch.compile keeps each as one opaque call in its graph.
-# Each takes the token of the op before it and returns a new one (see the top of this file); their
-# backward ops take and return the token's gradient, so the compiled backward keeps the same order.
-# They run once per sublayer, so they are kept lean: a plain Library kernel (the least dispatch overhead)
-# and no work on the token but a 0-dim allocation.
+# Two ops: start (a new Router, the embedding as its first source) and read (the source the last write
+# made, registered, then a routed read), each with its backward. Each takes the token of the op before it
+# and returns a new one (see the top of this file); the backward ops take and return the token's gradient,
+# so the compiled backward keeps the same order. One op per sublayer, kept lean: a plain Library kernel
+# (the least dispatch overhead) and no work on the token but a 0-dim allocation.
 
 LIB = torch.library.Library('fastroute', 'DEF')
-LIB.define('start(Tensor e, int key, ScalarType dtype) -> Tensor')
-LIB.define('add(Tensor token, Tensor v, Tensor W, int key, int slot) -> Tensor')
-LIB.define('add_backward(Tensor g_token, Tensor W, int key, int slot, SymInt[] shape, ScalarType v_dtype)'
-           ' -> (Tensor, Tensor, Tensor)')
-LIB.define('read(Tensor token, Tensor? base, Tensor? gamma, Tensor slots, int key, int r, SymInt[] shape,'
-           ' ScalarType dtype) -> (Tensor, Tensor, Tensor)')
-LIB.define('read_backward(Tensor g_token, Tensor g_h, Tensor mix, Tensor? gamma, int key, int r) -> (Tensor, Tensor)')
+LIB.define('start(Tensor e, Tensor W, int key, ScalarType dtype) -> Tensor')
+LIB.define('start_backward(Tensor g_token, Tensor W, int key, SymInt[] shape, ScalarType e_dtype) -> (Tensor, Tensor)')
+LIB.define('read(Tensor token, Tensor? v, Tensor W, Tensor? base, Tensor? gamma, Tensor slots, int key, int slot,'
+           ' int r, SymInt[] shape, ScalarType dtype) -> (Tensor, Tensor, Tensor)')
+LIB.define('read_backward(Tensor g_token, Tensor g_h, Tensor mix, Tensor? gamma, Tensor W, int key, int slot, int r,'
+           ' SymInt[] shape, ScalarType v_dtype) -> (Tensor, Tensor, Tensor)')
 
 
 def impl(name):
@@ -167,24 +169,50 @@ def impl(name):
 
 
 @impl('start')
-def start_op(e, key, dtype):
-    PLANS[key].router = Router(PLANS[key], e, dtype)
-    return e.new_empty((), dtype=wide(e).dtype)
+def start_op(e, W, key, dtype):
+    """A new Router for this forward pass, with the embedding as its slot 0."""
+    ro = PLANS[key].router = Router(PLANS[key], e, dtype)
+    add_source(ro, e.reshape(-1, e.size(-1)), W, 0, *ro.plan.ranges[0])
+    return e.new_empty((), dtype=ro.Lg.dtype)
 
 
-@impl('add')
-def add_op(token, v, W, key, slot):
-    """Registers a source: stores it and its logits against the reads that will see it."""
+@impl('start_backward')
+def start_backward_op(g_token, W, key, shape, e_dtype):
+    """The embedding's gradient from the routing, and the queries' whole gradient (summed over the sources'
+    backward in the Router). The last of the chain: the step's buffers can go now."""
     ro = PLANS[key].router
-    add_source(ro, v.reshape(-1, v.size(-1)), W, slot, *ro.plan.ranges[slot])
-    return token.new_empty(())
+    de = source_backward(ro, W, 0)
+    PLANS[key].router = None
+    return de.view(shape).to(e_dtype), ro.dW
 
 
-@impl('add_backward')
-def add_backward_op(g_token, W, key, slot, shape, v_dtype):
-    """The source's whole gradient. The queries' gradient is summed over all sources in the Router and
-    returned once, by the embedding's backward, which is the last of the chain."""
+@impl('read')
+def read_op(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
+    """Registers the source v (the last write's, if any) in `slot`, then routed read r: h = mix (AttnRes)
+    or base + gamma * mix (Delta), and (Delta) the mix in the storage dtype for the backward."""
     ro = PLANS[key].router
+    if v is not None:
+        add_source(ro, v.reshape(-1, v.size(-1)), W, slot, *ro.plan.ranges[slot])
+    h, mix = read_mix(ro, r, slots, base, gamma)
+    return h.view(shape), (mix if mix is not None else h.new_empty(0, dtype=dtype)), token.new_empty(())
+
+
+@impl('read_backward')
+def read_backward_op(g_token, g_h, mix, gamma, W, key, slot, r, shape, v_dtype):
+    """Leaves g_r = gamma dL/dh and c_r = g_r . mix in the Router, then (if the read registered a source)
+    that source's whole gradient: every read that saw it has run its backward by now. Returns dL/dh . mix
+    per token (for the gate's gradient) and the source's gradient."""
+    ro = PLANS[key].router
+    if ro.G is None:  # the last read's backward comes first
+        ro.G = ro.V.new_empty((ro.plan.n_reads,) + ro.V.shape[1:])
+    d = g_h.size(-1)
+    ch = read_grad(ro, r, g_h.reshape(-1, d), mix.reshape(-1, d), gamma)
+    dv = g_h.new_empty(0, dtype=v_dtype) if slot < 0 else source_backward(ro, W, slot).view(shape).to(v_dtype)
+    return ch, dv, g_token.new_empty(())
+
+
+def source_backward(ro, W, slot):
+    """A source's gradient (M, d); its share of the queries' gradient goes into the Router's sum."""
     r0, r1 = ro.plan.ranges[slot]
     v = ro.V[slot]
     dv, dlr = source_grad(ro, W, slot, r0, r1)  # dlr: (r1 - r0, M) logit gradients over rms(v)
@@ -192,85 +220,62 @@ def add_backward_op(g_token, W, key, slot, shape, v_dtype):
         ro.dW = torch.zeros_like(W)
     # dL/dW_r = sum over tokens of dl_r * v / rms(v): the logit is (W_r . v) / rms(v)
     ro.dW[r0:r1] += dlr.to(v.dtype) @ v
-    dW = W.new_empty(W.shape)  # unused but for the embedding's slot, the last of the chain:
-    if slot == 0:              # there the queries' gradient is complete, and the step's buffers can go
-        dW, PLANS[key].router = ro.dW, None
-    return dv.view(shape).to(v_dtype), dW, g_token.new_empty(())
-
-
-@impl('read')
-def read_op(token, base, gamma, slots, key, r, shape, dtype):
-    """One routed read: h = mix (AttnRes) or base + gamma * mix (Delta), and (Delta) the mix in the storage
-    dtype for the backward."""
-    ro = PLANS[key].router
-    h, mix = read_mix(ro, r, slots, base, gamma)
-    return h.view(shape), (mix if mix is not None else h.new_empty(0, dtype=dtype)), token.new_empty(())
-
-
-@impl('read_backward')
-def read_backward_op(g_token, g_h, mix, gamma, key, r):
-    """Leaves g_r = gamma dL/dh and c_r = g_r . mix in the Router for the sources' backward; returns
-    dL/dh . mix per token (for the gate's gradient)."""
-    ro = PLANS[key].router
-    if ro.G is None:  # the last read's backward comes first
-        ro.G = ro.V.new_empty((ro.plan.n_reads,) + ro.V.shape[1:])
-    d = g_h.size(-1)
-    return read_grad(ro, r, g_h.reshape(-1, d), mix.reshape(-1, d), gamma), g_token.new_empty(())
+    return dv
 
 
 @torch.library.register_fake('fastroute::start')
-def _(e, key, dtype):
+def _(e, W, key, dtype):
     return e.new_empty((), dtype=wide(e).dtype)
 
 
-@torch.library.register_fake('fastroute::add')
-def _(token, v, W, key, slot):
-    return token.new_empty(())
-
-
-@torch.library.register_fake('fastroute::add_backward')
-def _(g_token, W, key, slot, shape, v_dtype):
-    return g_token.new_empty(shape, dtype=v_dtype), torch.empty_like(W), g_token.new_empty(())
+@torch.library.register_fake('fastroute::start_backward')
+def _(g_token, W, key, shape, e_dtype):
+    return g_token.new_empty(shape, dtype=e_dtype), torch.empty_like(W)
 
 
 @torch.library.register_fake('fastroute::read')
-def _(token, base, gamma, slots, key, r, shape, dtype):
+def _(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
     mix = token.new_empty((math.prod(shape[:-1]), shape[-1]) if base is not None else (0,), dtype=dtype)
     return token.new_empty(shape), mix, token.new_empty(())
 
 
 @torch.library.register_fake('fastroute::read_backward')
-def _(g_token, g_h, mix, gamma, key, r):
-    return g_token.new_empty(g_h.numel() // g_h.size(-1)), g_token.new_empty(())
+def _(g_token, g_h, mix, gamma, W, key, slot, r, shape, v_dtype):
+    dv = g_token.new_empty(shape if slot >= 0 else (0,), dtype=v_dtype)
+    return g_token.new_empty(g_h.numel() // g_h.size(-1)), dv, g_token.new_empty(())
 
 
-def _add_setup(ctx, inputs, output):
-    token, v, W, key, slot = inputs
-    ctx.key, ctx.slot, ctx.shape, ctx.v_dtype = key, slot, list(v.shape), v.dtype
+def _start_setup(ctx, inputs, output):
+    e, W, key, dtype = inputs
+    ctx.key, ctx.shape, ctx.e_dtype = key, list(e.shape), e.dtype
     ctx.save_for_backward(W)
 
 
-def _add_backward(ctx, g_token):
+def _start_backward(ctx, g_token):
     W, = ctx.saved_tensors
-    dv, dW, g_token = torch.ops.fastroute.add_backward(g_token, W, ctx.key, ctx.slot, ctx.shape, ctx.v_dtype)
-    return g_token, dv, (dW if ctx.slot == 0 else None), None, None
+    de, dW = torch.ops.fastroute.start_backward(g_token, W, ctx.key, ctx.shape, ctx.e_dtype)
+    return de, dW, None, None
 
 
 def _read_setup(ctx, inputs, output):
-    token, base, gamma, slots, key, r, shape, dtype = inputs
+    token, v, W, base, gamma, slots, key, slot, r, shape, dtype = inputs
     h, mix, _ = output
-    ctx.key, ctx.r, ctx.has_base = key, r, base is not None
-    ctx.save_for_backward(mix if base is not None else h, gamma)  # AttnRes: h is the mix
+    ctx.key, ctx.slot, ctx.r, ctx.shape, ctx.has_base = key, slot, r, shape, base is not None
+    ctx.v_dtype = v.dtype if v is not None else dtype
+    ctx.save_for_backward(mix if base is not None else h, gamma, W)  # AttnRes: h is the mix
 
 
 def _read_backward(ctx, g_h, g_mix, g_token):
-    mix, gamma = ctx.saved_tensors
-    ch, g_token = torch.ops.fastroute.read_backward(g_token, g_h, mix, gamma, ctx.key, ctx.r)
+    mix, gamma, W = ctx.saved_tensors
+    ch, dv, g_token = torch.ops.fastroute.read_backward(g_token, g_h, mix, gamma, W, ctx.key, ctx.slot, ctx.r,
+                                                        ctx.shape, ctx.v_dtype)
     dgamma = None if gamma is None else ch.sum().to(gamma.dtype)
-    return g_token, (g_h if ctx.has_base else None), dgamma, None, None, None, None, None
+    dv = dv if ctx.slot >= 0 else None
+    # W's gradient is returned once, by the start's backward; the token's carries the order
+    return g_token, dv, None, (g_h if ctx.has_base else None), dgamma, None, None, None, None, None, None
 
 
-torch.library.register_autograd('fastroute::add', _add_backward, setup_context=_add_setup)
+torch.library.register_autograd('fastroute::start', _start_backward, setup_context=_start_setup)
 torch.library.register_autograd('fastroute::read', _read_backward, setup_context=_read_setup)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -285,8 +290,8 @@ def add_source(ro, v, W, slot, r0, r1):
     M, d = v.shape
     if use_triton(v):
         v = v.contiguous()
-        _add_source_kernel[(triton.cdiv(M, BM),)](v, W, ro.V[slot], ro.Lg[slot], r0, r1, M, d, EPS,
-                                                  BM=BM, BD=triton.next_power_of_2(d), num_warps=WARPS)
+        _add_source_kernel[(triton.cdiv(M, 16),)](v, W, ro.V[slot], ro.Lg[slot], r0, r1, M, d, EPS, BM=16, BK=64,
+                                                  RP=max(16, triton.next_power_of_2(r1 - r0)), num_warps=4)
     else:
         ro.V[slot] = v
         ro.Lg[slot, r0:r1] = source_logits(v, W[r0:r1], EPS).t()
@@ -368,20 +373,28 @@ BM, WARPS = 4, 4  # tokens per program and warps: a 4 x 1024 fp32 tile is 32 reg
 
 if triton is not None:
     @triton.jit
-    def _add_source_kernel(v_ptr, W, V, Lg, r0, r1, M, D, eps, BM: tl.constexpr, BD: tl.constexpr):
-        # V, Lg: this slot's (M, D) source and (R, M) logits
+    def _add_source_kernel(v_ptr, W, V, Lg, r0, r1, M, D, eps, BM: tl.constexpr, BK: tl.constexpr,
+                           RP: tl.constexpr):
+        # V, Lg: this slot's (M, D) source and (R, M) logits. The logits are a (BM, D) x (D, RP) product
+        # on the tensor cores (tf32, as torch's fp32 matmuls with TF32 allowed), D in chunks of BK
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        cols = tl.arange(0, BD)
-        rmask, cmask = rows < M, cols < D
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        tl.store(V + offs, v, mask=mask)
-        v = v.to(tl.float32)
-        rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
-        for r in range(r0, r1):
-            w = tl.load(W + r * D + cols, mask=cmask, other=0.0).to(tl.float32)
-            tl.store(Lg + r * M + rows, tl.sum(v * w[None, :], 1) * rinv, mask=rmask)
+        reads = r0 + tl.arange(0, RP)
+        rmask, wmask = rows < M, reads < r1
+        logits = tl.zeros([BM, RP], tl.float32)
+        ss = tl.zeros([BM], tl.float32)
+        for k in range(0, D, BK):
+            cols = k + tl.arange(0, BK)
+            mask = rmask[:, None] & (cols < D)[None, :]
+            offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+            v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+            tl.store(V + offs, v, mask=mask)
+            v = v.to(tl.float32)
+            ss += tl.sum(v * v, 1)
+            w = tl.load(W + reads[None, :] * D + cols[:, None], mask=wmask[None, :] & (cols < D)[:, None], other=0.0)
+            logits = tl.dot(v, w.to(tl.float32), logits)
+        rinv = tl.rsqrt(ss / D + eps)
+        tl.store(Lg + reads[None, :] * M + rows[:, None], logits * rinv[:, None],
+                 mask=rmask[:, None] & wmask[None, :])
 
     @triton.jit
     def _read_kernel(V, Lg, slots, n, r, base, gamma, H, MIX, MMAX, SSUM, M, D, R,
