@@ -290,8 +290,8 @@ def add_source(ro, v, W, slot, r0, r1):
     M, d = v.shape
     if use_triton(v):
         v = v.contiguous()
-        _add_source_kernel[(triton.cdiv(M, 16),)](v, W, ro.V[slot], ro.Lg[slot], r0, r1, M, d, EPS, BM=16, BK=64,
-                                                  RP=max(16, triton.next_power_of_2(r1 - r0)), num_warps=4)
+        _add_source_kernel[(triton.cdiv(M, BM),)](v, W, ro.V[slot], ro.Lg[slot], r0, r1, M, d, EPS,
+                                                  BM=BM, BD=triton.next_power_of_2(d), num_warps=WARPS)
     else:
         ro.V[slot] = v
         ro.Lg[slot, r0:r1] = source_logits(v, W[r0:r1], EPS).t()
@@ -373,28 +373,20 @@ BM, WARPS = 4, 4  # tokens per program and warps: a 4 x 1024 fp32 tile is 32 reg
 
 if triton is not None:
     @triton.jit
-    def _add_source_kernel(v_ptr, W, V, Lg, r0, r1, M, D, eps, BM: tl.constexpr, BK: tl.constexpr,
-                           RP: tl.constexpr):
-        # V, Lg: this slot's (M, D) source and (R, M) logits. The logits are a (BM, D) x (D, RP) product
-        # on the tensor cores (tf32, as torch's fp32 matmuls with TF32 allowed), D in chunks of BK
+    def _add_source_kernel(v_ptr, W, V, Lg, r0, r1, M, D, eps, BM: tl.constexpr, BD: tl.constexpr):
+        # V, Lg: this slot's (M, D) source and (R, M) logits
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        reads = r0 + tl.arange(0, RP)
-        rmask, wmask = rows < M, reads < r1
-        logits = tl.zeros([BM, RP], tl.float32)
-        ss = tl.zeros([BM], tl.float32)
-        for k in range(0, D, BK):
-            cols = k + tl.arange(0, BK)
-            mask = rmask[:, None] & (cols < D)[None, :]
-            offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-            v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-            tl.store(V + offs, v, mask=mask)
-            v = v.to(tl.float32)
-            ss += tl.sum(v * v, 1)
-            w = tl.load(W + reads[None, :] * D + cols[:, None], mask=wmask[None, :] & (cols < D)[:, None], other=0.0)
-            logits = tl.dot(v, w.to(tl.float32), logits)
-        rinv = tl.rsqrt(ss / D + eps)
-        tl.store(Lg + reads[None, :] * M + rows[:, None], logits * rinv[:, None],
-                 mask=rmask[:, None] & wmask[None, :])
+        cols = tl.arange(0, BD)
+        rmask, cmask = rows < M, cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        tl.store(V + offs, v, mask=mask)
+        v = v.to(tl.float32)
+        rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
+        for r in range(r0, r1):
+            w = tl.load(W + r * D + cols, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(Lg + r * M + rows, tl.sum(v * w[None, :], 1) * rinv, mask=rmask)
 
     @triton.jit
     def _read_kernel(V, Lg, slots, n, r, base, gamma, H, MIX, MMAX, SSUM, M, D, R,
