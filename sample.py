@@ -10,7 +10,6 @@ routed read (the sublayer it feeds, or 'final'), one column per source it can at
 sublayer outputs or blocks), each weight averaged over the prompt's tokens, so every row sums to 1.
 """
 
-import difflib
 import os
 import sys
 from types import SimpleNamespace
@@ -18,6 +17,7 @@ from types import SimpleNamespace
 import tiktoken
 import torch
 
+import cli
 from model import GPT, GPTConfig, routing_stats
 
 DEFAULTS = dict(
@@ -35,31 +35,6 @@ DEFAULTS = dict(
     routing_png='',       # also save the heatmap to this PNG file (needs matplotlib)
 )
 SHADES = ' .:-=+*#%@'  # 10 levels; ' ' only for a weight of exactly 0 (a source the read cannot see)
-
-
-def parse_args(argv, defaults):
-    """The defaults overridden by --key=value flags. A value must parse as the default's type: an int is taken
-    where a float is expected, a bool is True/False/1/0, a string is used as written (it may contain '=')."""
-    cfg = dict(defaults)
-    if '-h' in argv or '--help' in argv:
-        print(__doc__ + '\noptions and defaults:\n' + '\n'.join(f'  --{k}={v}' for k, v in defaults.items()))
-        raise SystemExit(0)
-    for arg in argv:
-        key, eq, val = arg.removeprefix('--').partition('=')
-        if not arg.startswith('--') or not eq:
-            raise SystemExit(f'bad argument {arg!r}: expected --key=value')
-        if key not in cfg:
-            close = difflib.get_close_matches(key, cfg, n=3)
-            hint = f'did you mean {" or ".join("--" + k for k in close)}?' if close else 'known: ' + ', '.join(cfg)
-            raise SystemExit(f'unknown option --{key}; {hint}')
-        kind = type(cfg[key])
-        try:
-            if kind is bool and val.lower() not in ('true', 'false', '1', '0'):
-                raise ValueError(val)
-            cfg[key] = val.lower() in ('true', '1') if kind is bool else kind(val)
-        except ValueError:
-            raise SystemExit(f'--{key}={val!r}: expected {kind.__name__}, like the default {cfg[key]!r}') from None
-    return cfg
 
 
 def load_model(path, device):
@@ -125,7 +100,7 @@ def save_heatmap_png(matrix, row_labels, col_labels, path, title='', vmax=None):
 
 
 def main(argv=None):
-    c = SimpleNamespace(**parse_args(sys.argv[1:] if argv is None else argv, DEFAULTS))
+    c = SimpleNamespace(**cli.parse(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__))
     if c.temperature <= 0 or c.top_k < 0:
         raise SystemExit(f'expected --temperature > 0 and --top_k >= 0, got {c.temperature} and {c.top_k}')
     if c.dtype not in ('float32', 'bfloat16', 'float16'):

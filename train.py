@@ -14,11 +14,9 @@ A resumed run starts from the config in its checkpoint instead of the defaults.
 Output in out_dir: ckpt.pt (the latest checkpoint) and log.jsonl (the config, then one line per logged step).
 """
 import ast
-import difflib
 import inspect
 import json
 import math
-import operator
 import os
 import sys
 import textwrap
@@ -33,6 +31,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import cli
+from cli import ConfigError
 from model import GPT, GPTConfig, peak_flops, routing_stats
 from prepare import ShardError, list_shards, load_shard
 
@@ -85,40 +85,7 @@ class Config:
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]  # the keys of Config that build the model
 BACKBONE_KEYS = ['n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'bias']  # shared by all variants
-TYPES = {f.name: f.type for f in fields(Config)}
-# arithmetic that a config value may use, so that a config can show it: total_batch_size = 32 * 1024 * 16
-OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-       ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
-
-
-class ConfigError(ValueError):
-    """Bad configuration or checkpoint; the message names the file or key and what was expected."""
-
-
-def literal(node, where):
-    """The value of an ast node that is a number, string, True/False, or arithmetic on numbers."""
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float, str, bool):
-        return node.value
-    if type(getattr(node, 'op', None)) in OPS:  # -x, or x op y
-        operands = [node.operand] if isinstance(node, ast.UnaryOp) else [node.left, node.right]
-        args = [literal(a, where) for a in operands]
-        if all(type(a) in (int, float) for a in args):  # no 'a' * 3, no True + 1
-            return OPS[type(node.op)](*args)
-    raise ConfigError(f'{where}: expected a number, string, True/False or arithmetic on numbers, '
-                      f'got `{ast.unparse(node)}`')
-
-
-def set_value(cfg, key, value, where):
-    """Store value under key after checking its type against the default's; an int is fine for a float."""
-    if key not in TYPES:  # most unknown keys are typos: suggest the nearest names
-        close = difflib.get_close_matches(key, TYPES, n=3)
-        raise ConfigError(f'{where}: unknown config key {key!r}; '
-                          + (f'did you mean {" or ".join(close)}?' if close else 'see `python train.py --help`'))
-    if TYPES[key] is float and type(value) is int:  # learning_rate=1 means 1.0
-        value = float(value)
-    if type(value) is not TYPES[key]:  # exact: True is not an int here, and 1.5 is not an int
-        raise ConfigError(f'{where}: {key} expects {TYPES[key].__name__}, got {value!r} ({type(value).__name__})')
-    cfg[key] = value
+DEFAULTS = asdict(Config())  # every key and its default, whose type a value given for the key must have
 
 
 def read_config_file(path):
@@ -137,34 +104,21 @@ def read_config_file(path):
             continue  # a docstring
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             raise ConfigError(f'{where}: a config file holds only `name = value` lines, got `{ast.unparse(node)}`')
-        out.append((node.targets[0].id, literal(node.value, where), where))
+        out.append((node.targets[0].id, cli.literal(node.value, where), where))
     return out
 
 
 def parse_config(argv, base=None):
     """The Config given by base (a dict such as a checkpoint's config; None = the defaults), then by argv's
     config files and --key=value overrides in order. Raises ConfigError naming the file or argument at fault."""
-    cfg = {**asdict(Config()), **{k: v for k, v in (base or {}).items() if k in TYPES}}
+    cfg = {**DEFAULTS, **{k: v for k, v in (base or {}).items() if k in DEFAULTS}}
     for arg in argv:
-        if not arg.startswith('--'):
-            for key, value, where in read_config_file(arg):
-                set_value(cfg, key, value, where)
+        if arg.startswith('--'):  # the shared --key=value rules of cli.py
+            key, value = cli.override(arg, DEFAULTS)
+            cfg[key] = value
             continue
-        key, eq, raw = arg[2:].partition('=')  # split at the first '=': a value may hold more of them
-        where = f'argument {arg}'
-        if not eq:
-            raise ConfigError(f'{where}: expected --key=value')
-        kind = TYPES.get(key, str)  # an unknown key is reported by set_value
-        if kind is str:
-            value = raw  # strings need no quotes: --out_dir=out/run1
-        elif kind is bool and raw.lower() in ('true', 'false'):
-            value = raw.lower() == 'true'
-        else:  # numbers, with the same literal rules as in a config file
-            try:
-                value = literal(ast.parse(raw, mode='eval').body, where)
-            except SyntaxError:
-                raise ConfigError(f'{where}: cannot read {raw!r} as a {kind.__name__}') from None
-        set_value(cfg, key, value, where)
+        for key, value, where in read_config_file(arg):
+            cfg[key] = cli.check(key, value, DEFAULTS, where)
     c = Config(**cfg)
     # values that type-check but make no sense; the model's own fields are checked by GPTConfig below
     checks = [('lr_schedule', c.lr_schedule in ('cosine', 'wsd'), "'cosine' or 'wsd'"),

@@ -76,19 +76,21 @@ def test_config_file_then_overrides_in_order(tmp_path):
     path = tmp_path / 'cfg.py'
     path.write_text('"""a docstring"""\n# a comment\nn_layer = 4\ntotal_batch_size = 8 * 64 * 1024\n'
                     "learning_rate = 3e-4\nresidual = 'ddl'\nout_dir = 'from-file'\n")
-    cfg = train.parse_config([str(path), '--learning_rate=1', '--out_dir=a=b/c', '--compile=false', '--ddl_dv=4'])
+    cfg = train.parse_config([str(path), '--learning_rate=1', '--out_dir=a=b/c', '--compile=no', '--ddl_dv=2*2'])
     assert (cfg.n_layer, cfg.total_batch_size, cfg.residual, cfg.ddl_dv) == (4, 524_288, 'ddl', 4)
     assert cfg.learning_rate == 1.0 and type(cfg.learning_rate) is float  # an int is fine for a float
     assert cfg.out_dir == 'a=b/c' and cfg.compile is False                # a value may contain '='
+    assert train.parse_config(['--compile=1']).compile is True            # cli.py's bools: 1/true/yes, 0/false/no
     assert cfg.n_head == train.Config().n_head                            # untouched keys keep the default
     assert train.parse_config([str(path), '--n_layer=6']).n_layer == 6   # the later one wins
     assert train.parse_config(['--n_layer=6', str(path)]).n_layer == 4
 
 
 @pytest.mark.parametrize('argv, file_text, expected', [
-    (['--learning_rat=1e-3'], None, ["unknown config key 'learning_rat'", 'learning_rate']),
+    (['--learning_rat=1e-3'], None, ["unknown key 'learning_rat'", 'learning_rate', 'known keys: out_dir']),
     (['--max_iters=1.5'], None, ['max_iters expects int', '1.5']),
-    (['--compile=1'], None, ['compile expects bool']),
+    (['--compile=maybe'], None, ['compile expects bool']),
+    ([], 'compile = 1\n', ['cfg.py:1', 'compile expects bool']),  # a file is Python: True or False
     (['--n_layer'], None, ['--n_layer', 'expected --key=value']),
     (['--learning_rate=fast'], None, ['--learning_rate=fast', 'expected a number']),
     (['--residual=resnet'], None, ['residual', 'resnet']),
@@ -113,7 +115,7 @@ def test_bad_config_is_refused_with_a_clear_message(tmp_path, argv, file_text, e
 def test_main_exits_nonzero_on_bad_input(tmp_path, data_dir):
     with pytest.raises(SystemExit) as e:
         train.main(['--bogus=1'])
-    assert 'unknown config key' in str(e.value.code)
+    assert "unknown key 'bogus'" in str(e.value.code)
     with pytest.raises(SystemExit) as e:  # 128 tokens per step cannot be split into micro-batches of 3 x 16
         run(data_dir, tmp_path / 'out', '--batch_size=3')
     assert 'total_batch_size=128 is not a multiple of' in str(e.value.code)
