@@ -19,6 +19,7 @@ import torch
 
 import cli
 from model import GPT, GPTConfig, routing_stats
+from train import ConfigError, load_checkpoint
 
 DEFAULTS = dict(
     out_dir='out',        # the run to sample from: <out_dir>/ckpt.pt as written by train.py
@@ -41,12 +42,14 @@ def load_model(path, device):
     """The model of a train.py checkpoint, in eval mode on device, and the checkpoint dict."""
     if not os.path.isfile(path):
         raise SystemExit(f'no checkpoint at {path}: train one with train.py, or point --out_dir or --ckpt at one')
+    try:  # verified against its checksum and loaded to the CPU: its optimizer and RNG states need not go to a GPU
+        ckpt = load_checkpoint(path)
+    except ConfigError as e:
+        raise SystemExit(f'error: {e}') from None
     try:
-        # to the CPU first: the optimizer state and the RNG states in the file need not go to the GPU
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
         model = GPT(GPTConfig(**ckpt['model_args']))
         model.load_state_dict(ckpt['model'], strict=True)  # the variant it was trained as: every key must fit
-    except Exception as e:  # a truncated file, not a checkpoint, weights that do not fit their model_args
+    except Exception as e:  # weights that do not fit their model_args
         why = ' '.join(str(e).split())[:800]  # torch's messages span lines and can list hundreds of keys
         raise SystemExit(f'cannot load checkpoint {path}: {type(e).__name__}: {why}') from None
     return model.to(device).eval(), ckpt

@@ -213,8 +213,9 @@ def test_resume_after_a_crash_gives_the_same_losses(tmp_path, data_dir, monkeypa
             raise KeyboardInterrupt
         return next_batch(self)
     monkeypatch.setattr(train.DataLoader, 'next_batch', crash_in_step_6)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:
         run(data_dir, tmp_path / 'b', *args)
+    assert e.value.code == 130
     monkeypatch.undo()
     assert load(tmp_path / 'b')['step'] == 4  # the last checkpoint before the crash
     run(data_dir, tmp_path / 'b', *args, '--init_from=resume')
@@ -237,9 +238,10 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, data_dir, mon
         f.write(good[: len(good) // 2])
         raise KeyboardInterrupt
     monkeypatch.setattr(train.torch, 'save', torn_save)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:
         run(data_dir, out, '--max_iters=8', '--init_from=resume')
     monkeypatch.undo()
+    assert e.value.code == 130 and not (out / 'ckpt.pt.tmp').exists()
     assert (out / 'ckpt.pt').read_bytes() == good
     assert load(out)['step'] == 4
     run(data_dir, out, '--max_iters=8', '--init_from=resume', '--total_batch_size=64')  # and goes on from it
@@ -310,9 +312,14 @@ def test_ddp_two_gloo_processes_match_one_process_with_grad_accumulation(tmp_pat
         torch.testing.assert_close(b['exp_avg'], a['exp_avg'], rtol=1e-4, atol=1e-8)
     assert one['data'] == two['data']
     assert len(two['rng']) == 2
-    for a, b in zip(records(tmp_path / 'one'), records(tmp_path / 'two')):
+    one, two = records(tmp_path / 'one'), records(tmp_path / 'two')
+    assert [a['step'] for a in one] == [b['step'] for b in two] == list(range(5))
+    assert one[0]['train_loss'] is two[0]['train_loss'] is None  # step 0 comes before any training
+    for a, b in zip(one[1:], two[1:]):
         assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-5)
-        assert a.get('val_loss') == pytest.approx(b.get('val_loss'), rel=1e-5)
+    assert [a['step'] for a in one if 'val_loss' in a] == [b['step'] for b in two if 'val_loss' in b] == [0, 4]
+    for a, b in zip(one[::4], two[::4]):
+        assert a['val_loss'] == pytest.approx(b['val_loss'], rel=1e-5)
 
 
 def test_train_then_sample(tmp_path, data_dir):
