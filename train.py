@@ -315,7 +315,8 @@ def save_checkpoint(ckpt, path):
 
 
 def checksums(path):
-    """(the SHA-256 stored in the file's trailer, or None if it has none; the SHA-256 of the bytes before it)."""
+    """(the SHA-256 stored in the file's trailer: None if it has none, '' if it is incomplete; the SHA-256 of the
+    bytes before it)."""
     size = os.path.getsize(path)
     with open(path, 'rb') as f:
         f.seek(max(0, size - TRAILER_LEN))
@@ -323,6 +324,8 @@ def checksums(path):
         stored = None
         if len(tail) == TRAILER_LEN and tail.startswith(TRAILER) and tail.endswith(b'\n'):
             stored = tail[len(TRAILER):-1].decode('ascii', errors='replace')
+        elif TRAILER.strip() in tail:  # the trailer is there but cut short: the file lost its last bytes
+            stored = ''
         f.seek(0)
         sha, left = hashlib.sha256(), size - (TRAILER_LEN if stored else 0)
         while left:  # in chunks: a checkpoint of GPT-2 124M with its optimizer is 1.5 GB
@@ -346,6 +349,8 @@ def load_checkpoint(path):
     if size == 0:
         raise refuse('the file is empty (0 bytes)')
     stored, actual = checksums(path)
+    if stored == '':
+        raise refuse(f'it is cut short ({size:,} bytes): the checksum at its end is incomplete')
     if stored is not None and stored != actual:
         raise refuse(f'its contents do not match the SHA-256 written with them ({size:,} bytes): the file was '
                      'changed or damaged after it was saved')
@@ -388,6 +393,8 @@ def main(argv=None):
         train(argv, ddp)
     except (ConfigError, ShardError, SaveError) as e:
         raise SystemExit(f'error: {e}') from None  # a clear message and exit status 1, no traceback
+    except OSError as e:  # e.g. the disk filled up while log.jsonl was written
+        raise SystemExit(f'error: {e}') from None  # str(e) names the file and the reason
     except (Interrupted, KeyboardInterrupt):
         at = 'before the first step' if progress.step is None else f'at step {progress.step}'
         last = ('no checkpoint yet' if progress.saved_at is None
