@@ -12,6 +12,7 @@ Configuration: the defaults in `Config` below, then each config file (plain `nam
 ast, never executed) and `--key=value` override, in the order given; the later one wins. `--help` lists them.
 A resumed run starts from the config in its checkpoint instead of the defaults.
 Output in out_dir: ckpt.pt (the latest checkpoint) and log.jsonl (the config, then one line per logged step).
+Ctrl-C stops when the current step is done (exit status 130; a second Ctrl-C stops at once), ready to resume.
 """
 import ast
 import hashlib
@@ -256,6 +257,7 @@ def hard_stop(point, step):
     (a resumed run's log is in its temp file)."""
     if os.environ.get('RESIDUAL_GPT_KILL') == f'{point}:{step}':
         os.kill(os.getpid(), signal.SIGKILL)
+
 
 # A checkpoint file is torch.save's bytes followed by a trailer with their SHA-256: b'\nresidual-gpt sha256 ',
 # 64 hex digits, b'\n'. torch.load reads the file as it is (it ignores bytes after the archive), and
@@ -595,10 +597,12 @@ def train(argv, ddp):
 
         # the safe point for Ctrl-C: this step's log line and checkpoint are done, the next step not begun.
         # Under DDP every rank stops at the same step, whichever of them saw the signal
-        stopping = torch.tensor(progress.ctrl_c, device=device)
+        stopping = progress.ctrl_c
         if ddp:
-            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
-        if stopping.item():
+            flag = torch.tensor(stopping, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopping = flag.item()
+        if stopping:
             raise Interrupted
 
         # one optimizer step: accum micro-batches on each rank, the gradient averaged over all of them
