@@ -373,7 +373,7 @@ def flip_bit(b):
     return b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 1]) + b[len(b) // 2 + 1:]
 
 
-def nanogpt_ckpt(good):
+def another_program(_):  # e.g. nanoGPT's checkpoint: a readable torch file without train.py's keys
     buf = io.BytesIO()
     torch.save({'model': {'w': torch.ones(2)}, 'iter_num': 3}, buf)
     return buf.getvalue()
@@ -387,7 +387,7 @@ DAMAGE = {  # ckpt.pt's bytes -> a bad file, and what the message must say
     'flipped bit': (flip_bit, 'its contents do not match the SHA-256'),
     'flipped bit in the checksum': (lambda b: b[:-2] + bytes([b[-2] ^ 1]) + b[-1:], 'its contents do not match the SHA-256'),
     'text': (lambda b: b'not a checkpoint\n', 'torch cannot read it and it has no checksum'),
-    'another program': (nanogpt_ckpt, 'it is not a checkpoint of train.py (no config, model_args, step)'),
+    'another program': (another_program, 'it is not a checkpoint of train.py (no config, model_args, step)'),
 }
 
 
