@@ -22,6 +22,7 @@ from dataclasses import asdict
 
 import torch
 
+import cli
 from model import GPT, GPTConfig, _num_sources, peak_flops
 
 # default: GPT-2 124M as nanoGPT's bench.py, and the variants as the comparisons use them
@@ -45,17 +46,7 @@ defaults = dict(
 
 def parse(argv):
     """--key=value overrides of `defaults`, each converted to its default's type."""
-    cfg = dict(defaults)
-    if '-h' in argv or '--help' in argv:
-        print(__doc__ + '\noptions and defaults:\n' + '\n'.join(f'  --{k}={v}' for k, v in defaults.items()))
-        sys.exit(0)
-    for arg in argv:
-        key, _, val = arg.removeprefix('--').partition('=')  # at the first '=' only
-        if key not in cfg:
-            sys.exit(f'bench.py: unknown option --{key}; options: {", ".join(cfg)}')
-        typ = type(cfg[key])
-        cfg[key] = val.lower() in ('1', 'true', 'yes') if typ is bool else typ(val)
-    return cfg
+    return cli.parse(argv, defaults, __doc__)
 
 
 def sync(device):

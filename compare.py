@@ -21,6 +21,7 @@ import time
 
 import torch
 
+import cli
 from model import routing_stats
 from prepare import list_shards, load_shard
 from sample import load_model
@@ -38,17 +39,8 @@ defaults = dict(
 
 
 def parse(argv):
-    cfg, passthrough = dict(defaults), []
-    if '-h' in argv or '--help' in argv:
-        print(__doc__ + '\noptions and defaults:\n' + '\n'.join(f'  --{k}={v}' for k, v in defaults.items()))
-        sys.exit(0)
-    for arg in argv:
-        key, _, val = arg.removeprefix('--').partition('=')
-        if key in cfg:
-            cfg[key] = val.lower() in ('1', 'true') if isinstance(cfg[key], bool) else type(cfg[key])(val)
-        else:
-            passthrough.append(arg)  # train.py checks these: an unknown key fails the first run at once
-    return cfg, passthrough
+    """(options, the arguments of keys that compare.py does not know: train.py's, handed on to every run)."""
+    return cli.parse(argv, defaults, __doc__, passthrough=True)
 
 
 def run_list(cfg):

@@ -10,7 +10,6 @@ routed read (the sublayer it feeds, or 'final'), one column per source it can at
 sublayer outputs or blocks), each weight averaged over the prompt's tokens, so every row sums to 1.
 """
 
-import difflib
 import os
 import sys
 from types import SimpleNamespace
@@ -18,7 +17,9 @@ from types import SimpleNamespace
 import tiktoken
 import torch
 
+import cli
 from model import GPT, GPTConfig, routing_stats
+from train import ConfigError, load_checkpoint
 
 DEFAULTS = dict(
     out_dir='out',        # the run to sample from: <out_dir>/ckpt.pt as written by train.py
@@ -37,41 +38,18 @@ DEFAULTS = dict(
 SHADES = ' .:-=+*#%@'  # 10 levels; ' ' only for a weight of exactly 0 (a source the read cannot see)
 
 
-def parse_args(argv, defaults):
-    """The defaults overridden by --key=value flags. A value must parse as the default's type: an int is taken
-    where a float is expected, a bool is True/False/1/0, a string is used as written (it may contain '=')."""
-    cfg = dict(defaults)
-    if '-h' in argv or '--help' in argv:
-        print(__doc__ + '\noptions and defaults:\n' + '\n'.join(f'  --{k}={v}' for k, v in defaults.items()))
-        raise SystemExit(0)
-    for arg in argv:
-        key, eq, val = arg.removeprefix('--').partition('=')
-        if not arg.startswith('--') or not eq:
-            raise SystemExit(f'bad argument {arg!r}: expected --key=value')
-        if key not in cfg:
-            close = difflib.get_close_matches(key, cfg, n=3)
-            hint = f'did you mean {" or ".join("--" + k for k in close)}?' if close else 'known: ' + ', '.join(cfg)
-            raise SystemExit(f'unknown option --{key}; {hint}')
-        kind = type(cfg[key])
-        try:
-            if kind is bool and val.lower() not in ('true', 'false', '1', '0'):
-                raise ValueError(val)
-            cfg[key] = val.lower() in ('true', '1') if kind is bool else kind(val)
-        except ValueError:
-            raise SystemExit(f'--{key}={val!r}: expected {kind.__name__}, like the default {cfg[key]!r}') from None
-    return cfg
-
-
 def load_model(path, device):
     """The model of a train.py checkpoint, in eval mode on device, and the checkpoint dict."""
     if not os.path.isfile(path):
         raise SystemExit(f'no checkpoint at {path}: train one with train.py, or point --out_dir or --ckpt at one')
+    try:  # verified against its checksum and loaded to the CPU: its optimizer and RNG states need not go to a GPU
+        ckpt = load_checkpoint(path)
+    except ConfigError as e:
+        raise SystemExit(f'error: {e}') from None
     try:
-        # to the CPU first: the optimizer state and the RNG states in the file need not go to the GPU
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
         model = GPT(GPTConfig(**ckpt['model_args']))
         model.load_state_dict(ckpt['model'], strict=True)  # the variant it was trained as: every key must fit
-    except Exception as e:  # a truncated file, not a checkpoint, weights that do not fit their model_args
+    except Exception as e:  # weights that do not fit their model_args
         why = ' '.join(str(e).split())[:800]  # torch's messages span lines and can list hundreds of keys
         raise SystemExit(f'cannot load checkpoint {path}: {type(e).__name__}: {why}') from None
     return model.to(device).eval(), ckpt
@@ -125,7 +103,7 @@ def save_heatmap_png(matrix, row_labels, col_labels, path, title='', vmax=None):
 
 
 def main(argv=None):
-    c = SimpleNamespace(**parse_args(sys.argv[1:] if argv is None else argv, DEFAULTS))
+    c = SimpleNamespace(**cli.parse(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__))
     if c.temperature <= 0 or c.top_k < 0:
         raise SystemExit(f'expected --temperature > 0 and --top_k >= 0, got {c.temperature} and {c.top_k}')
     if c.dtype not in ('float32', 'bfloat16', 'float16'):

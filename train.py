@@ -12,18 +12,19 @@ Configuration: the defaults in `Config` below, then each config file (plain `nam
 ast, never executed) and `--key=value` override, in the order given; the later one wins. `--help` lists them.
 A resumed run starts from the config in its checkpoint instead of the defaults.
 Output in out_dir: ckpt.pt (the latest checkpoint) and log.jsonl (the config, then one line per logged step).
+Ctrl-C stops when the current step is done (exit status 130; a second Ctrl-C stops at once), ready to resume.
 """
 import ast
-import difflib
+import hashlib
 import inspect
 import json
 import math
-import operator
 import os
+import signal
 import sys
 import textwrap
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
 from importlib.util import find_spec
 
@@ -33,6 +34,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import cli
+from cli import ConfigError
 from model import GPT, GPTConfig, peak_flops, routing_stats
 from prepare import ShardError, list_shards, load_shard
 
@@ -86,40 +89,7 @@ class Config:
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]  # the keys of Config that build the model
 BACKBONE_KEYS = ['n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'bias']  # shared by all variants
-TYPES = {f.name: f.type for f in fields(Config)}
-# arithmetic that a config value may use, so that a config can show it: total_batch_size = 32 * 1024 * 16
-OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-       ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
-
-
-class ConfigError(ValueError):
-    """Bad configuration or checkpoint; the message names the file or key and what was expected."""
-
-
-def literal(node, where):
-    """The value of an ast node that is a number, string, True/False, or arithmetic on numbers."""
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float, str, bool):
-        return node.value
-    if type(getattr(node, 'op', None)) in OPS:  # -x, or x op y
-        operands = [node.operand] if isinstance(node, ast.UnaryOp) else [node.left, node.right]
-        args = [literal(a, where) for a in operands]
-        if all(type(a) in (int, float) for a in args):  # no 'a' * 3, no True + 1
-            return OPS[type(node.op)](*args)
-    raise ConfigError(f'{where}: expected a number, string, True/False or arithmetic on numbers, '
-                      f'got `{ast.unparse(node)}`')
-
-
-def set_value(cfg, key, value, where):
-    """Store value under key after checking its type against the default's; an int is fine for a float."""
-    if key not in TYPES:  # most unknown keys are typos: suggest the nearest names
-        close = difflib.get_close_matches(key, TYPES, n=3)
-        raise ConfigError(f'{where}: unknown config key {key!r}; '
-                          + (f'did you mean {" or ".join(close)}?' if close else 'see `python train.py --help`'))
-    if TYPES[key] is float and type(value) is int:  # learning_rate=1 means 1.0
-        value = float(value)
-    if type(value) is not TYPES[key]:  # exact: True is not an int here, and 1.5 is not an int
-        raise ConfigError(f'{where}: {key} expects {TYPES[key].__name__}, got {value!r} ({type(value).__name__})')
-    cfg[key] = value
+DEFAULTS = asdict(Config())  # every key and its default, whose type a value given for the key must have
 
 
 def read_config_file(path):
@@ -138,34 +108,21 @@ def read_config_file(path):
             continue  # a docstring
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             raise ConfigError(f'{where}: a config file holds only `name = value` lines, got `{ast.unparse(node)}`')
-        out.append((node.targets[0].id, literal(node.value, where), where))
+        out.append((node.targets[0].id, cli.literal(node.value, where), where))
     return out
 
 
 def parse_config(argv, base=None):
     """The Config given by base (a dict such as a checkpoint's config; None = the defaults), then by argv's
     config files and --key=value overrides in order. Raises ConfigError naming the file or argument at fault."""
-    cfg = {**asdict(Config()), **{k: v for k, v in (base or {}).items() if k in TYPES}}
+    cfg = {**DEFAULTS, **{k: v for k, v in (base or {}).items() if k in DEFAULTS}}
     for arg in argv:
-        if not arg.startswith('--'):
-            for key, value, where in read_config_file(arg):
-                set_value(cfg, key, value, where)
+        if arg.startswith('--'):  # the shared --key=value rules of cli.py
+            key, value = cli.override(arg, DEFAULTS)
+            cfg[key] = value
             continue
-        key, eq, raw = arg[2:].partition('=')  # split at the first '=': a value may hold more of them
-        where = f'argument {arg}'
-        if not eq:
-            raise ConfigError(f'{where}: expected --key=value')
-        kind = TYPES.get(key, str)  # an unknown key is reported by set_value
-        if kind is str:
-            value = raw  # strings need no quotes: --out_dir=out/run1
-        elif kind is bool and raw.lower() in ('true', 'false'):
-            value = raw.lower() == 'true'
-        else:  # numbers, with the same literal rules as in a config file
-            try:
-                value = literal(ast.parse(raw, mode='eval').body, where)
-            except SyntaxError:
-                raise ConfigError(f'{where}: cannot read {raw!r} as a {kind.__name__}') from None
-        set_value(cfg, key, value, where)
+        for key, value, where in read_config_file(arg):
+            cfg[key] = cli.check(key, value, DEFAULTS, where)
     c = Config(**cfg)
     # values that type-check but make no sense; the model's own fields are checked by GPTConfig below
     checks = [('lr_schedule', c.lr_schedule in ('cosine', 'wsd'), "'cosine' or 'wsd'"),
@@ -272,34 +229,148 @@ def evaluate(model, val, n_seq, cfg, rank, world, device, ctx):
     return (totals[0] / totals[1]).item()
 
 
+class Progress:
+    """Where the run is, for the message when Ctrl-C stops it: the step reached, the step of the last checkpoint,
+    and how often Ctrl-C was pressed (once: stop at the next safe point; twice: stop now)."""
+    step = saved_at = None
+    ctrl_c = 0
+
+
+progress = Progress()
+
+
+class Interrupted(Exception):
+    """Ctrl-C reached the training loop's safe point: the step is done and nothing is half-written."""
+
+
+def on_ctrl_c(signum, frame):
+    progress.ctrl_c += 1
+    if progress.ctrl_c > 1:  # the user does not want to wait for the step (or an eval) to finish
+        raise KeyboardInterrupt
+    tqdm.write('Ctrl-C: stopping when this step is done (Ctrl-C again to stop at once)')
+
+
+def hard_stop(point, step):
+    """Test-only: with RESIDUAL_GPT_KILL=point:step in the environment (e.g. save:8) the process kills itself
+    with SIGKILL when it reaches that point at that step, as a power cut would; tests/test_train.py resumes
+    after each and checks that nothing was lost. Points: eval, forward, backward, log (the step's log line is
+    on disk), save (the new checkpoint is in its temp file), rename (it has just become ckpt.pt), log_rewrite
+    (a resumed run's log is in its temp file)."""
+    if os.environ.get('RESIDUAL_GPT_KILL') == f'{point}:{step}':
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# A checkpoint file is torch.save's bytes followed by a trailer with their SHA-256: b'\nresidual-gpt sha256 ',
+# 64 hex digits, b'\n'. torch.load reads the file as it is (it ignores bytes after the archive), and
+# load_checkpoint checks the digest first, so that a flipped bit or a torn copy is found before it is used.
+TRAILER = b'\nresidual-gpt sha256 '
+TRAILER_LEN = len(TRAILER) + 64 + 1
+KEPT = 'nothing was changed: the files of the run, and the previous good state in them, are as they were'
+
+
+class SaveError(OSError):
+    """A checkpoint could not be written; the previous one is untouched."""
+
+
+class HashingWriter:
+    """A file that also feeds every byte written to it into a hash: the digest of exactly what torch.save wrote."""
+
+    def __init__(self, f, sha):
+        self.f, self.sha = f, sha
+
+    def write(self, b):
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
 def save_checkpoint(ckpt, path):
-    """Write to a temporary file, fsync it, then rename it over path. The rename is atomic, so a crash at
-    any moment leaves either the previous checkpoint or the new one, never a torn file."""
+    """Write to a temporary file, with the SHA-256 of its contents at the end, fsync it, then rename it over path.
+    The rename is atomic, so a crash at any moment leaves either the previous checkpoint or the new one, never a
+    torn file. A save that fails or is stopped removes the temporary file and leaves the previous checkpoint."""
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())  # the bytes reach the disk before the rename makes them the checkpoint
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            sha = hashlib.sha256()
+            torch.save(ckpt, HashingWriter(f, sha))
+            f.write(TRAILER + sha.hexdigest().encode() + b'\n')
+            f.flush()
+            os.fsync(f.fileno())  # the bytes reach the disk before the rename makes them the checkpoint
+        hard_stop('save', ckpt['step'])
+        os.replace(tmp, path)
+    except BaseException as e:  # disk full, no permission, a failed rename, Ctrl-C: no half-written file stays
+        with suppress(OSError):
+            os.remove(tmp)
+        if progress.ctrl_c > 1:  # a second Ctrl-C stops now; torch.save may have turned it into a RuntimeError
+            raise KeyboardInterrupt from None
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
+            why = e.strerror if isinstance(e, OSError) and e.strerror else ' '.join(str(e).split())
+            previous = f'the previous {path} is unchanged' if os.path.exists(path) else 'no checkpoint was written'
+            raise SaveError(f'cannot write the checkpoint {path}: {why}; {tmp} removed, {previous}') from None
+        raise
+    hard_stop('rename', ckpt['step'])
     if hasattr(os, 'O_DIRECTORY'):  # POSIX: make the rename itself durable too
         fd = os.open(os.path.dirname(path) or '.', os.O_RDONLY | os.O_DIRECTORY)
         os.fsync(fd)
         os.close(fd)
 
 
+def checksums(path):
+    """(the SHA-256 stored in the file's trailer: None if it has none, '' if it is incomplete; the SHA-256 of the
+    bytes before it)."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        f.seek(max(0, size - TRAILER_LEN))
+        tail = f.read()
+        stored = None
+        if len(tail) == TRAILER_LEN and tail.startswith(TRAILER) and tail.endswith(b'\n'):
+            stored = tail[len(TRAILER):-1].decode('ascii', errors='replace')
+        elif TRAILER.strip() in tail:  # the trailer is there but cut short: the file lost its last bytes
+            stored = ''
+        f.seek(0)
+        sha, left = hashlib.sha256(), size - (TRAILER_LEN if stored else 0)
+        while left:  # in chunks: a checkpoint of GPT-2 124M with its optimizer is 1.5 GB
+            chunk = f.read(min(left, 1 << 24))
+            sha.update(chunk)
+            left -= len(chunk)
+    return stored, sha.hexdigest()
+
+
 def load_checkpoint(path):
     """A checkpoint (path: ckpt.pt or its folder), loaded on the CPU with weights_only=True: tensors and plain
-    values only, so that loading a file cannot run code."""
+    values only, so that loading a file cannot run code. Every way a file can be unusable is a ConfigError
+    that names the file and what is wrong with it."""
     path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise ConfigError(f'no checkpoint at {path}')
+
+    def refuse(problem):
+        return ConfigError(f'{path} is not a usable checkpoint: {problem}; {KEPT}')
+    size = os.path.getsize(path)
+    if size == 0:
+        raise refuse('the file is empty (0 bytes)')
+    stored, actual = checksums(path)
+    if stored == '':
+        raise refuse(f'it is cut short ({size:,} bytes): the checksum at its end is incomplete')
+    if stored is not None and stored != actual:
+        raise refuse(f'its contents do not match the SHA-256 written with them ({size:,} bytes): the file was '
+                     'changed or damaged after it was saved')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # a torn or foreign file: say which file, not just the unpickler's complaint
-        raise ConfigError(f'{path} is not a readable checkpoint: {e}') from None
+    except Exception as e:  # torch's own message would suggest weights_only=False: never the fix for a bad file
+        if stored is None:
+            raise refuse(f'torch cannot read it and it has no checksum ({size:,} bytes): it is cut short, or not '
+                         'a file written by train.py') from None
+        raise refuse(f'its checksum matches but torch {torch.__version__} cannot read it ({type(e).__name__}): '
+                     'written by another version of torch?') from None
     missing = {'model', 'model_args', 'config', 'step'} - set(ckpt if isinstance(ckpt, dict) else {})  # e.g. nanoGPT's
     if missing:
-        raise ConfigError(f'{path} is not a checkpoint of train.py: no {", ".join(sorted(missing))}')
+        raise refuse(f'it is not a checkpoint of train.py (no {", ".join(sorted(missing))})')
+    if stored is None:  # readable and complete, but from before checkpoints carried a checksum
+        print(f'note: {path} has no checksum (written by an older train.py); loaded without verifying it',
+              file=sys.stderr)
     return ckpt
 
 
@@ -318,11 +389,23 @@ def main(argv=None):
         print(__doc__ + '\n' + inspect.getsource(Config))
         return
     ddp = 'RANK' in os.environ  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+    progress.step = progress.saved_at = None
+    progress.ctrl_c = 0
+    on_sigint = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         train(argv, ddp)
-    except (ConfigError, ShardError) as e:
+    except (ConfigError, ShardError, SaveError) as e:
         raise SystemExit(f'error: {e}') from None  # a clear message and exit status 1, no traceback
+    except OSError as e:  # e.g. the disk filled up while log.jsonl was written
+        raise SystemExit(f'error: {e}') from None  # str(e) names the file and the reason
+    except (Interrupted, KeyboardInterrupt):
+        at = 'before the first step' if progress.step is None else f'at step {progress.step}'
+        last = ('no checkpoint yet' if progress.saved_at is None
+                else f'last checkpoint step {progress.saved_at}; resume with --init_from=resume')
+        print(f'interrupted {at}; {last}', file=sys.stderr)
+        raise SystemExit(130) from None  # 128 + SIGINT, as the shell reports a process that Ctrl-C ended
     finally:
+        signal.signal(signal.SIGINT, on_sigint)
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -444,15 +527,21 @@ def train(argv, ddp):
     say('config: ' + textwrap.fill(' '.join(f'--{k}={v}' for k, v in asdict(cfg).items()), 110,
                                    subsequent_indent='  ', break_on_hyphens=False))  # the run, as arguments
 
-    # log.jsonl: the config first. A resumed run keeps the lines up to its checkpoint and appends
+    # log.jsonl: the config first. A resumed run keeps the lines up to its checkpoint (the later steps are
+    # redone) and appends; the new file goes through a temp file and a rename, so a kill leaves the old or new one
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         lines = []
-        if resumed_at is not None and os.path.exists(log_path):  # the steps after the checkpoint are redone
-            lines = [line for line in open(log_path) if log_step(line) <= step]
+        if resumed_at is not None and os.path.exists(log_path):
+            with open(log_path) as f:
+                lines = [line for line in f if log_step(line) <= step]
         resumed = {'resumed_from_step': step} if resumed_at is not None else {}
-        with open(log_path, 'w') as f:
+        with open(log_path + '.tmp', 'w') as f:
             f.writelines(lines + [json.dumps({'config': asdict(cfg), **resumed}) + '\n'])
+            f.flush()
+            os.fsync(f.fileno())
+        hard_stop('log_rewrite', step)
+        os.replace(log_path + '.tmp', log_path)
 
     # routing statistics are measured on the first val batch: the same tokens at every eval
     x_routing = to_batch(val[: min(cfg.batch_size, n_val) * cfg.block_size + 1], cfg.block_size, device)[0]
@@ -460,9 +549,12 @@ def train(argv, ddp):
     win_tokens, win_time = 0, 0.0  # training tokens and seconds since the last log line
     bar = tqdm(total=cfg.max_iters, initial=step, disable=not master, dynamic_ncols=True)
     while True:
+        progress.step, progress.saved_at = step, saved_at
         rec = {}
         # evaluate, then checkpoint: at step 0, every eval_interval steps, and at the end
-        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step != resumed_at:
+        evaluating = (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step != resumed_at
+        if evaluating:
+            hard_stop('eval', step)
             val_loss = evaluate(eval_model, val, n_val, cfg, rank, world, device, ctx)
             if not math.isfinite(val_loss):
                 stop('val loss', val_loss, step, ckpt_path, saved_at)
@@ -473,20 +565,9 @@ def train(argv, ddp):
             raw_model.train()
             if w is not None:  # how sharp each routed read is: its largest weight and its entropy (nats)
                 rec['routing_max'], rec['routing_entropy'] = (t.tolist() for t in routing_stats(w))
-            if step > (resumed_at or 0):
-                cuda_rng = torch.cuda.get_rng_state(device) if device_type == 'cuda' else None
-                rngs = [{'torch': torch.get_rng_state(), 'cuda': cuda_rng}] * world
-                if ddp:  # every rank's state, so that dropout continues exactly on resume
-                    dist.all_gather_object(rngs, rngs[0])
-                if master:
-                    save_checkpoint({'model': raw_model.state_dict(), 'model_args': model_args(cfg),
-                                     'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                                     'step': step, 'tokens': tokens, 'data': loader.state(), 'rng': rngs,
-                                     'config': asdict(cfg), 'val_loss': val_loss}, ckpt_path)
-                saved_at = step
-            say(f'step {step}: val loss {val_loss:.4f}' + (f', saved {ckpt_path}' if saved_at == step else ''))
 
-        # a line of log.jsonl at each logged step. tok/s and MFU count only training time since the last line
+        # a line of log.jsonl at each logged step. tok/s and MFU count only training time since the last line.
+        # It is on disk before this step's checkpoint is: a resumed run does not redo its checkpoint's step
         if master and (rec or (step % cfg.log_interval == 0 and train_loss is not None)):
             tok_s = win_tokens / win_time if win_time else None  # None: no timed step yet
             mfu = raw_model.estimate_mfu(tok_s / world, peak) if tok_s else None  # per GPU, against its peak
@@ -495,9 +576,36 @@ def train(argv, ddp):
                    'tok_per_s': tok_s, 'mfu': mfu, 'peak_mem_mb': mem}
             with open(log_path, 'a') as f:
                 f.write(json.dumps(rec) + '\n')
+                f.flush()
+                os.fsync(f.fileno())
+            hard_stop('log', step)
             win_tokens, win_time = 0, 0.0
+
+        if evaluating and step > (resumed_at or 0):
+            cuda_rng = torch.cuda.get_rng_state(device) if device_type == 'cuda' else None
+            rngs = [{'torch': torch.get_rng_state(), 'cuda': cuda_rng}] * world
+            if ddp:  # every rank's state, so that dropout continues exactly on resume
+                dist.all_gather_object(rngs, rngs[0])
+            if master:
+                save_checkpoint({'model': raw_model.state_dict(), 'model_args': model_args(cfg),
+                                 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                                 'step': step, 'tokens': tokens, 'data': loader.state(), 'rng': rngs,
+                                 'config': asdict(cfg), 'val_loss': val_loss}, ckpt_path)
+            saved_at = progress.saved_at = step
+        if evaluating:
+            say(f'step {step}: val loss {val_loss:.4f}' + (f', saved {ckpt_path}' if saved_at == step else ''))
         if step == cfg.max_iters:
             break
+
+        # the safe point for Ctrl-C: this step's log line and checkpoint are done, the next step not begun.
+        # Under DDP every rank stops at the same step, whichever of them saw the signal
+        stopping = progress.ctrl_c
+        if ddp:
+            flag = torch.tensor(stopping, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopping = flag.item()
+        if stopping:
+            raise Interrupted
 
         # one optimizer step: accum micro-batches on each rank, the gradient averaged over all of them
         t0 = time.perf_counter()
@@ -511,8 +619,10 @@ def train(argv, ddp):
             with model.no_sync() if ddp and i < accum - 1 else nullcontext():
                 with ctx:
                     _, loss = model(x, y)
+                hard_stop('forward', step)
                 loss_sum += loss.detach()
                 scaler.scale(loss / accum).backward()  # / accum: a mean over micro-steps; DDP averages ranks
+                hard_stop('backward', step)
         if ddp:
             dist.all_reduce(loss_sum)  # the same loss on every rank, so that all of them stop on a NaN
         train_loss = loss_sum.item() / (accum * world)  # .item() waits for the GPU, so dt below is real

@@ -42,7 +42,7 @@ def test_bench_help(capsys):
 
 
 def test_bench_rejects_unknown_options():
-    with pytest.raises(SystemExit, match='unknown option --stpes'):
+    with pytest.raises(SystemExit, match="unknown key 'stpes'"):
         bench.parse(['--stpes=3'])
     with pytest.raises(SystemExit, match='unknown variant'):
         bench.main(TINY + ['--variants=resnet', '--json=/dev/null'])

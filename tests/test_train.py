@@ -3,9 +3,13 @@ Tests of train.py on the CPU with tiny models (2 layers, 32 wide) and tiny shard
 data order, learning-rate schedule, exact resume, crash-safe checkpoints, NaN stop, DDP against grad
 accumulation, conversion between variants, and train-then-sample.
 """
+import errno
 import glob
+import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -76,19 +80,21 @@ def test_config_file_then_overrides_in_order(tmp_path):
     path = tmp_path / 'cfg.py'
     path.write_text('"""a docstring"""\n# a comment\nn_layer = 4\ntotal_batch_size = 8 * 64 * 1024\n'
                     "learning_rate = 3e-4\nresidual = 'ddl'\nout_dir = 'from-file'\n")
-    cfg = train.parse_config([str(path), '--learning_rate=1', '--out_dir=a=b/c', '--compile=false', '--ddl_dv=4'])
+    cfg = train.parse_config([str(path), '--learning_rate=1', '--out_dir=a=b/c', '--compile=no', '--ddl_dv=2*2'])
     assert (cfg.n_layer, cfg.total_batch_size, cfg.residual, cfg.ddl_dv) == (4, 524_288, 'ddl', 4)
     assert cfg.learning_rate == 1.0 and type(cfg.learning_rate) is float  # an int is fine for a float
     assert cfg.out_dir == 'a=b/c' and cfg.compile is False                # a value may contain '='
+    assert train.parse_config(['--compile=1']).compile is True            # cli.py's bools: 1/true/yes, 0/false/no
     assert cfg.n_head == train.Config().n_head                            # untouched keys keep the default
     assert train.parse_config([str(path), '--n_layer=6']).n_layer == 6   # the later one wins
     assert train.parse_config(['--n_layer=6', str(path)]).n_layer == 4
 
 
 @pytest.mark.parametrize('argv, file_text, expected', [
-    (['--learning_rat=1e-3'], None, ["unknown config key 'learning_rat'", 'learning_rate']),
+    (['--learning_rat=1e-3'], None, ["unknown key 'learning_rat'", 'learning_rate', 'known keys: out_dir']),
     (['--max_iters=1.5'], None, ['max_iters expects int', '1.5']),
-    (['--compile=1'], None, ['compile expects bool']),
+    (['--compile=maybe'], None, ['compile expects bool']),
+    ([], 'compile = 1\n', ['cfg.py:1', 'compile expects bool']),  # a file is Python: True or False
     (['--n_layer'], None, ['--n_layer', 'expected --key=value']),
     (['--learning_rate=fast'], None, ['--learning_rate=fast', 'expected a number']),
     (['--residual=resnet'], None, ['residual', 'resnet']),
@@ -113,7 +119,7 @@ def test_bad_config_is_refused_with_a_clear_message(tmp_path, argv, file_text, e
 def test_main_exits_nonzero_on_bad_input(tmp_path, data_dir):
     with pytest.raises(SystemExit) as e:
         train.main(['--bogus=1'])
-    assert 'unknown config key' in str(e.value.code)
+    assert "unknown key 'bogus'" in str(e.value.code)
     with pytest.raises(SystemExit) as e:  # 128 tokens per step cannot be split into micro-batches of 3 x 16
         run(data_dir, tmp_path / 'out', '--batch_size=3')
     assert 'total_batch_size=128 is not a multiple of' in str(e.value.code)
@@ -211,8 +217,9 @@ def test_resume_after_a_crash_gives_the_same_losses(tmp_path, data_dir, monkeypa
             raise KeyboardInterrupt
         return next_batch(self)
     monkeypatch.setattr(train.DataLoader, 'next_batch', crash_in_step_6)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:
         run(data_dir, tmp_path / 'b', *args)
+    assert e.value.code == 130
     monkeypatch.undo()
     assert load(tmp_path / 'b')['step'] == 4  # the last checkpoint before the crash
     run(data_dir, tmp_path / 'b', *args, '--init_from=resume')
@@ -235,9 +242,10 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, data_dir, mon
         f.write(good[: len(good) // 2])
         raise KeyboardInterrupt
     monkeypatch.setattr(train.torch, 'save', torn_save)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:
         run(data_dir, out, '--max_iters=8', '--init_from=resume')
     monkeypatch.undo()
+    assert e.value.code == 130 and not (out / 'ckpt.pt.tmp').exists()
     assert (out / 'ckpt.pt').read_bytes() == good
     assert load(out)['step'] == 4
     run(data_dir, out, '--max_iters=8', '--init_from=resume', '--total_batch_size=64')  # and goes on from it
@@ -255,6 +263,200 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, data_dir):
     assert 'train loss is nan at step 10' in str(e.value.code) and 'step 8' in str(e.value.code)
     assert (out / 'ckpt.pt').read_bytes() == good
     assert max(r['step'] for r in records(out)) == 9  # nothing was logged for the failed step
+
+
+# -----------------------------------------------------------------------------
+# nothing lost: hard kills, Ctrl-C, damaged checkpoints and failed saves
+
+DURABLE = ['--max_iters=12', '--dropout=0.1']  # checkpoints at steps 4, 8 and 12; dropout: the RNG must resume too
+
+
+def steps(out_dir):
+    """The step lines of log.jsonl without tok/s, the one field that is a wall-clock measurement."""
+    return [{k: v for k, v in r.items() if k != 'tok_per_s'} for r in records(out_dir)]
+
+
+@pytest.fixture(scope='module')
+def unbroken(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp('unbroken')
+    run(data_dir, out, *DURABLE)
+    return out
+
+
+def killed(data_dir, out_dir, point, *args):
+    """Run train.py in a forked child (the parent's torch, no new interpreter) with RESIDUAL_GPT_KILL=point;
+    True if it killed itself with SIGKILL there."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.environ['RESIDUAL_GPT_KILL'] = point
+            run(data_dir, out_dir, *args)
+        finally:
+            os._exit(1)  # not killed: the point was never reached
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+# each scenario: kill points of the first run, then of resumed runs; after the last kill a resume runs to the end
+KILLS = [['eval:8'], ['forward:6'], ['backward:9'], ['log:5'], ['log:8'], ['save:8'], ['rename:8'], ['rename:12'],
+         ['forward:6', 'log_rewrite:4'], ['save:8', 'rename:8'], ['log:8', 'log_rewrite:4', 'eval:12']]
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='the kill test forks')
+@pytest.mark.parametrize('points', KILLS, ids=['-'.join(k) for k in KILLS])
+def test_hard_kills_lose_nothing(tmp_path, data_dir, unbroken, points):
+    out = tmp_path / 'out'
+    for i, point in enumerate(points):
+        assert killed(data_dir, out, point, *DURABLE, *(['--init_from=resume'] if i else [])), point
+        assert not (out / 'log.jsonl.tmp').exists() or point.startswith('log_rewrite')
+        with open(out / 'log.jsonl') as f:  # never emptied: the config line and every step up to the checkpoint
+            assert 'config' in json.loads(f.readline())
+        saved = train.load_checkpoint(str(out))['step']  # the checksum holds
+        assert [r['step'] for r in records(out)][: saved + 1] == list(range(saved + 1))
+    run(data_dir, out, *DURABLE, '--init_from=resume')
+    assert steps(out) == steps(unbroken)  # line for line, bit-exact losses
+    a, b = load(unbroken), load(out)
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model']) and a['data'] == b['data']
+    assert not list(out.glob('*.tmp'))
+
+
+def sigint():
+    os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, handled by train.py's signal handler
+
+
+def test_ctrl_c_stops_at_the_next_safe_point(tmp_path, data_dir, unbroken, monkeypatch, capsys):
+    out = tmp_path / 'out'
+    calls = {'n': 0}
+    next_batch = train.DataLoader.next_batch
+
+    def ctrl_c_in_step_5(self):  # 2 micro-batches per step: call 11 is the forward of step 5 -> 6
+        calls['n'] += 1
+        if calls['n'] == 11:
+            sigint()
+        return next_batch(self)
+    monkeypatch.setattr(train.DataLoader, 'next_batch', ctrl_c_in_step_5)
+    with pytest.raises(SystemExit) as e:
+        run(data_dir, out, *DURABLE)
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and 'Traceback' not in err
+    assert 'interrupted at step 6; last checkpoint step 4; resume with --init_from=resume' in err
+    assert records(out)[-1]['step'] == 6  # the step finished, and its line was written
+    run(data_dir, out, *DURABLE, '--init_from=resume')
+    assert steps(out) == steps(unbroken)
+
+
+@pytest.mark.parametrize('presses', [1, 2])
+def test_ctrl_c_during_a_save(tmp_path, data_dir, monkeypatch, capsys, presses):
+    out = tmp_path / 'out'
+    run(data_dir, out, '--max_iters=4')
+    good = (out / 'ckpt.pt').read_bytes()
+    save = torch.save
+
+    def save_with_ctrl_c(obj, f):
+        for _ in range(presses):
+            sigint()
+        save(obj, f)
+    monkeypatch.setattr(train.torch, 'save', save_with_ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        run(data_dir, out, '--max_iters=12', '--init_from=resume')
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and 'Traceback' not in err and not (out / 'ckpt.pt.tmp').exists()
+    if presses == 1:  # the save finishes, then the run stops: nothing to redo
+        assert 'interrupted at step 8; last checkpoint step 8' in err and load(out)['step'] == 8
+    else:  # stop at once: the save is abandoned, the previous checkpoint stays
+        assert 'interrupted at step 8; last checkpoint step 4' in err and (out / 'ckpt.pt').read_bytes() == good
+
+
+def flip_bit(b):
+    return b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 1]) + b[len(b) // 2 + 1:]
+
+
+def another_program(_):  # e.g. nanoGPT's checkpoint: a readable torch file without train.py's keys
+    buf = io.BytesIO()
+    torch.save({'model': {'w': torch.ones(2)}, 'iter_num': 3}, buf)
+    return buf.getvalue()
+
+
+DAMAGE = {  # ckpt.pt's bytes -> a bad file, and what the message must say
+    'empty': (lambda b: b'', 'the file is empty (0 bytes)'),
+    'truncated': (lambda b: b[: len(b) // 2], 'torch cannot read it and it has no checksum'),
+    'last bytes cut': (lambda b: b[:-10], 'it is cut short'),
+    'zeroed header': (lambda b: bytes(64) + b[64:], 'its contents do not match the SHA-256'),
+    'flipped bit': (flip_bit, 'its contents do not match the SHA-256'),
+    'flipped bit in the checksum': (lambda b: b[:-2] + bytes([b[-2] ^ 1]) + b[-1:], 'its contents do not match the SHA-256'),
+    'text': (lambda b: b'not a checkpoint\n', 'torch cannot read it and it has no checksum'),
+    'another program': (another_program, 'it is not a checkpoint of train.py (no config, model_args, step)'),
+}
+
+
+@pytest.mark.parametrize('damage', DAMAGE)
+def test_a_damaged_checkpoint_is_refused_with_one_clear_message(tmp_path, data_dir, standard_ckpt, damage):
+    out = tmp_path / 'out'
+    shutil.copytree(standard_ckpt, out)
+    bad, expected = DAMAGE[damage]
+    (out / 'ckpt.pt').write_bytes(bad((out / 'ckpt.pt').read_bytes()))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if damage == 'flipped bit':  # torch alone reads it without noticing: only the checksum finds it
+        assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == 8
+    with pytest.raises(SystemExit) as e:
+        run(data_dir, out, '--max_iters=12', '--init_from=resume')
+    msg = e.value.code
+    assert msg.startswith(f'error: {out / "ckpt.pt"} is not a usable checkpoint: {expected}')
+    assert msg.endswith('nothing was changed: the files of the run, and the previous good state in them, '
+                        'are as they were') and 'weights_only' not in msg and '\n' not in msg
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def fault_replace(replace):
+    def fails_for_ckpt(src, dst):  # the rename of log.jsonl's rewrite on resume still works
+        if str(dst).endswith('ckpt.pt'):
+            raise PermissionError(errno.EACCES, 'Permission denied')
+        return replace(src, dst)
+    return fails_for_ckpt
+
+
+def fault_disk_full(obj, f):
+    f.write(b'x' * 1000)
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+
+def fault_torch_write(obj, f):  # how torch.save reports a write that failed inside its zip writer
+    f.write(b'x' * 1000)
+    raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0')
+
+
+def fault_open(open_):
+    def fails_for_tmp(path, *a, **kw):
+        if str(path).endswith('ckpt.pt.tmp'):
+            raise PermissionError(errno.EACCES, 'Permission denied', str(path))
+        return open_(path, *a, **kw)
+    return fails_for_tmp
+
+
+FAULTS = {'rename': ('os.replace', fault_replace(os.replace), 'Permission denied'),
+          'disk full': ('torch.save', fault_disk_full, 'No space left on device'),
+          'torch write': ('torch.save', fault_torch_write, 'unexpected pos'),
+          'no permission': ('builtins.open', fault_open(open), 'Permission denied')}
+
+
+@pytest.mark.parametrize('fault', FAULTS)
+def test_a_failed_save_is_a_clear_error_and_keeps_the_checkpoint(tmp_path, data_dir, monkeypatch, fault):
+    out = tmp_path / 'out'
+    run(data_dir, out, '--max_iters=4')
+    good = (out / 'ckpt.pt').read_bytes()
+    target, fake, reason = FAULTS[fault]
+    monkeypatch.setattr(target, fake)
+    with pytest.raises(SystemExit) as e:
+        run(data_dir, out, '--max_iters=8', '--init_from=resume')
+    monkeypatch.undo()
+    path = out / 'ckpt.pt'
+    assert e.value.code.startswith(f'error: cannot write the checkpoint {path}: ') and reason in e.value.code
+    assert e.value.code.endswith(f'{path}.tmp removed, the previous {path} is unchanged')
+    assert path.read_bytes() == good and not (out / 'ckpt.pt.tmp').exists()
+    run(data_dir, out, '--max_iters=8', '--init_from=resume')  # and the run goes on from it
+    assert load(out)['step'] == 8
 
 
 @pytest.fixture(scope='module')
@@ -308,9 +510,14 @@ def test_ddp_two_gloo_processes_match_one_process_with_grad_accumulation(tmp_pat
         torch.testing.assert_close(b['exp_avg'], a['exp_avg'], rtol=1e-4, atol=1e-8)
     assert one['data'] == two['data']
     assert len(two['rng']) == 2
-    for a, b in zip(records(tmp_path / 'one'), records(tmp_path / 'two')):
+    one, two = records(tmp_path / 'one'), records(tmp_path / 'two')
+    assert [a['step'] for a in one] == [b['step'] for b in two] == list(range(5))
+    assert one[0]['train_loss'] is two[0]['train_loss'] is None  # step 0 comes before any training
+    for a, b in zip(one[1:], two[1:]):
         assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-5)
-        assert a.get('val_loss') == pytest.approx(b.get('val_loss'), rel=1e-5)
+    assert [a['step'] for a in one if 'val_loss' in a] == [b['step'] for b in two if 'val_loss' in b] == [0, 4]
+    for a, b in zip(one[::4], two[::4]):
+        assert a['val_loss'] == pytest.approx(b['val_loss'], rel=1e-5)
 
 
 def test_train_then_sample(tmp_path, data_dir):
