@@ -162,27 +162,43 @@ def make(ex, out):
 # check: run the exercise's tests against a directory's model.py, in a child process
 
 def run_tests(ex, d):
-    """In the child: import d's model.py and the exercise's tests, run every test_ function, return results."""
+    """In the child: import d's model.py and the exercise's tests, run every test_ function, return results.
+    One process may grade several directories in turn: the modules imported from the previous ones are
+    forgotten first, so that `import model` finds this one's."""
     import torch
+    for name, module in list(sys.modules.items()):
+        f = getattr(module, '__file__', None)
+        if f and os.path.dirname(os.path.abspath(f)) in _graded and not f.endswith('exercises.py'):
+            del sys.modules[name]
+    _graded.add(d)
+    cwd = os.getcwd()
     sys.path.insert(0, d)  # `import model` (and compare, ...) must find the student's files, not the solution's
-    _, test_file = files_of(ex)
-    spec = importlib.util.spec_from_file_location(f'exercise{ex.number}_test', os.path.join(HERE, test_file))
-    module = importlib.util.module_from_spec(spec)
+    os.chdir(d)  # and the tests read the student's configs and notes from there
     try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # a syntax error in model.py, a missing name: no test can run
-        return [dict(test='import', title='model.py imports', passed=False, message=explain(e, d))]
-    results = []
-    for name, fn in vars(module).items():  # in the order the tests are written, easiest first
-        if name.startswith('test_') and callable(fn):
-            torch.manual_seed(0)
-            title = (fn.__doc__ or name).strip().splitlines()[0]
-            try:
-                fn()
-                results.append(dict(test=name, title=title, passed=True, message=''))
-            except Exception as e:
-                results.append(dict(test=name, title=title, passed=False, message=explain(e, d)))
-    return results
+        _, test_file = files_of(ex)
+        spec = importlib.util.spec_from_file_location(f'exercise{ex.number}_test', os.path.join(HERE, test_file))
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # a syntax error in model.py, a missing name: no test can run
+            return [dict(test='import', title='model.py imports', passed=False, message=explain(e, d))]
+        results = []
+        for name, fn in list(vars(module).items()):  # in the order the tests are written, easiest first
+            if name.startswith('test_') and callable(fn):
+                torch.manual_seed(0)
+                title = (fn.__doc__ or name).strip().splitlines()[0]
+                try:
+                    fn()
+                    results.append(dict(test=name, title=title, passed=True, message=''))
+                except Exception as e:
+                    results.append(dict(test=name, title=title, passed=False, message=explain(e, d)))
+        return results
+    finally:
+        sys.path.remove(d)
+        os.chdir(cwd)
+
+
+_graded = set()  # the directories whose modules this process has imported
 
 
 def explain(e, d):
@@ -205,7 +221,7 @@ def check(ex, d, as_json):
     try:
         child = subprocess.run([sys.executable, os.path.abspath(__file__), '_run', str(ex.number), d], cwd=d,
                                capture_output=True, text=True, timeout=CHECK_TIMEOUT)
-        results = json.loads(child.stdout.strip().splitlines()[-1]) if child.returncode == 0 else None
+        results = json.loads(child.stdout.strip().splitlines()[-1])[0] if child.returncode == 0 else None
         why = f'the test process failed (exit {child.returncode}): {child.stderr.strip()[-1500:]}'
     except subprocess.TimeoutExpired:
         results, why = None, f'the tests did not finish in {CHECK_TIMEOUT} s (an endless loop in model.py?)'
@@ -238,8 +254,8 @@ def main(argv):
         print(__doc__ + '\n' + USAGE)
         return 0
     cmd, args = argv[0], argv[1:]
-    if cmd == '_run':  # the child process of check: results as one JSON line on stdout
-        print(json.dumps(run_tests(get_exercise(args[0]), args[1])))
+    if cmd == '_run':  # the child process of check: N DIR [N DIR ...] -> a list of results, one JSON line
+        print(json.dumps([run_tests(get_exercise(n), d) for n, d in zip(args[::2], args[1::2])]))
         return 0
     opts = dict(a.removeprefix('--').partition('=')[::2] for a in args if a.startswith('--'))
     pos = [a for a in args if not a.startswith('--')]
