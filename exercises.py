@@ -207,8 +207,11 @@ def explain(e, d):
         return f'not written yet ({e})'
     if isinstance(e, AssertionError):
         return str(e) or 'a property does not hold (the test gave no message)'
-    where = [f for f in traceback.extract_tb(e.__traceback__) if os.path.dirname(os.path.abspath(f.filename)) == d]
-    at = f' (at {os.path.basename(where[-1].filename)} line {where[-1].lineno}: {where[-1].line})' if where else ''
+    # the calls in the student's files that led to the error, the last one with its line of code
+    where = [f for f in traceback.extract_tb(e.__traceback__)
+             if os.path.dirname(os.path.abspath(f.filename)) == d and os.path.abspath(f.filename) != __file__]
+    calls = ' -> '.join(f'{f.name} ({os.path.basename(f.filename)} line {f.lineno})' for f in where[-3:])
+    at = f'\nin {calls}: {where[-1].line}' if where else ''
     return f'{type(e).__name__}: {" ".join(str(e).split())[:600]}{at}'
 
 

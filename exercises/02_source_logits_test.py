@@ -109,7 +109,7 @@ def test_gradients_reach_the_source_and_the_queries():
 
 def test_routed_models_match_a_loop_with_explicit_keys():
     """Delta Block and Full AttnRes models, with random queries and gains, match loops that build every key"""
-    for kw in (dict(residual='attnres'), dict(residual='delta', res_block=2)):
+    for label, kw in (('Full AttnRes', dict(residual='attnres')), ('Delta Block', dict(residual='delta', res_block=2))):
         torch.manual_seed(0)
         model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=2, n_head=2, n_embd=16, **kw)).double().eval()
         st = model.stream
@@ -139,4 +139,4 @@ def test_routed_models_match_a_loop_with_explicit_keys():
             want = model.lm_head(model.transformer.ln_f(final))
             got, _ = model(idx, idx)
         err = (got - want).abs().max().item()
-        assert err < 1e-9, f'the {kw} model\'s logits differ from a loop with explicit RMS-normalised keys by up to {err:.3g}'
+        assert err < 1e-9, f'the {label} model\'s logits differ from a loop with explicit RMS-normalised keys by up to {err:.3g}'

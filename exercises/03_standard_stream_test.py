@@ -44,7 +44,8 @@ def test_each_sublayer_reads_the_running_sum():
     for s, h in enumerate(reads):
         want = e + sum(outs[:s])
         err = (h - want).abs().max().item()
-        assert err < 1e-12, f'sublayer {s} should read e + out_0 + ... + out_{s - 1}; it is off by up to {err:.3g}'
+        assert err < 1e-12, f'sublayer {s} should read e plus the first {s} output(s), the running sum; it is ' \
+                            f'off by up to {err:.3g}'
 
 
 def test_final_is_the_embedding_plus_every_output():

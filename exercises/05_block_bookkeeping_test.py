@@ -46,10 +46,12 @@ def compare_sources(st, e, outs, S, what):
     blocks, partial = expected(e, outs, S)
     s = len(outs) - 1
     got_partial = st.get('partial')
+    want_partial = 'no partial block' if partial is None else f'a partial block of {len(outs) % S} output(s)'
+    found = 'no partial block' if got_partial is None else 'a partial block'
     assert len(st['blocks']) == len(blocks) and (got_partial is None) == (partial is None), \
-        f'{what}: after writing sublayer {s} there should be {len(blocks)} finished sources (e and ' \
-        f'{len(blocks) - 1} block(s) of {S}) and {"no partial block" if partial is None else "a partial block of " + str(len(outs) % S) + " output(s)"}; ' \
-        f'found {len(st["blocks"])} finished sources and {"no" if got_partial is None else "a"} partial block'
+        f'{what}: after writing sublayer {s} the finished sources should be e and {len(blocks) - 1} block ' \
+        f'sum(s) of {S} outputs ({len(blocks)} in st["blocks"]), with {want_partial}; found ' \
+        f'{len(st["blocks"])} in st["blocks"] and {found}'
     assert st['blocks'][0] is e, f'{what}: the first source must stay the embedding e itself'
     for i, (got, want) in enumerate(zip(st['blocks'], blocks)):
         err = (got - want).abs().max().item()
@@ -126,7 +128,8 @@ def test_block_sums_are_kept_in_float32():
 def test_block_models_match_loops_over_sublayers():
     """Block AttnRes and Delta Block models match loops written from the papers; res_block=1 is Full AttnRes"""
     idx = torch.randint(0, 32, (2, 4), generator=torch.Generator().manual_seed(1))
-    for kw in (dict(residual='attnres', res_block=2), dict(residual='delta', res_block=4)):
+    for label, kw in (('Block AttnRes (res_block=2)', dict(residual='attnres', res_block=2)),
+                      ('Delta Block (res_block=4)', dict(residual='delta', res_block=4))):
         model = tiny(**kw)
         S = kw['res_block']
 
@@ -154,7 +157,7 @@ def test_block_models_match_loops_over_sublayers():
             want = model.lm_head(model.transformer.ln_f(x))
             got, _ = model(idx, idx)
         err = (got - want).abs().max().item()
-        assert err < 1e-9, f'the {kw} model\'s logits differ from the paper\'s loop by up to {err:.3g}'
+        assert err < 1e-9, f'the {label} model\'s logits differ from the paper\'s loop by up to {err:.3g}'
     full, one = tiny(residual='attnres'), tiny(residual='attnres', res_block=1)
     with torch.no_grad():
         err = (full(idx, idx)[0] - one(idx, idx)[0]).abs().max().item()
