@@ -49,6 +49,7 @@ EXERCISES = [
 COPY = ['*.py', 'README.md', 'requirements.txt', 'configs/*.py', 'exercises/*.md', 'exercises/*_test.py']
 MIN_LEAK_CHARS = 8  # shorter lines ('return', 'else:') say nothing about a solution
 CHECK_TIMEOUT = 600  # seconds; a student's endless loop must not hang a grading script
+RESULTS = 'exercise results: '  # the child's line of JSON starts with this
 
 
 def get_exercise(n):
@@ -165,7 +166,7 @@ def run_tests(ex, d):
     """In the child: import d's model.py and the exercise's tests, run every test_ function, return results.
     One process may grade several directories in turn: the modules imported from the previous ones are
     forgotten first, so that `import model` finds this one's."""
-    import torch
+    import torch  # here, not at the top: list and make work without it
     for name, module in list(sys.modules.items()):
         f = getattr(module, '__file__', None)
         if f and os.path.dirname(os.path.abspath(f)) in _graded and not f.endswith('exercises.py'):
@@ -185,12 +186,12 @@ def run_tests(ex, d):
         results = []
         for name, fn in list(vars(module).items()):  # in the order the tests are written, easiest first
             if name.startswith('test_') and callable(fn):
-                torch.manual_seed(0)
+                torch.manual_seed(0)  # the same random numbers for every student, whatever ran before
                 title = (fn.__doc__ or name).strip().splitlines()[0]
                 try:
                     fn()
                     results.append(dict(test=name, title=title, passed=True, message=''))
-                except Exception as e:
+                except Exception as e:  # one broken test must not hide the results of the others
                     results.append(dict(test=name, title=title, passed=False, message=explain(e, d)))
         return results
     finally:
@@ -221,14 +222,17 @@ def check(ex, d, as_json):
         raise SystemExit(f'{os.path.join(d, "model.py")} not found: check a student copy made with '
                          f'`python exercises.py make {ex.number} --out=DIR`, with --dir=DIR or from inside it')
     t0 = time.time()
+    # a child process: the student's `model` must not meet the solution's in one interpreter, and an endless
+    # loop or a crash in the student's code must end as a failed check, not as a hung or dead grader
     try:
         child = subprocess.run([sys.executable, os.path.abspath(__file__), '_run', str(ex.number), d], cwd=d,
                                capture_output=True, text=True, timeout=CHECK_TIMEOUT)
-        results = json.loads(child.stdout.strip().splitlines()[-1])[0] if child.returncode == 0 else None
+        out = [line for line in child.stdout.splitlines() if line.startswith(RESULTS)]  # past the student's prints
+        results = json.loads(out[-1][len(RESULTS):])[0] if child.returncode == 0 and out else None
         why = f'the test process failed (exit {child.returncode}): {child.stderr.strip()[-1500:]}'
     except subprocess.TimeoutExpired:
         results, why = None, f'the tests did not finish in {CHECK_TIMEOUT} s (an endless loop in model.py?)'
-    if results is None:
+    if results is None:  # graded as one failed test, so the score is 0 and the message says why
         results = [dict(test='run', title='the tests run', passed=False, message=why)]
     passed = sum(r['passed'] for r in results)
     if as_json:
@@ -258,8 +262,9 @@ def main(argv):
         return 0
     cmd, args = argv[0], argv[1:]
     if cmd == '_run':  # the child process of check: N DIR [N DIR ...] -> a list of results, one JSON line
-        print(json.dumps([run_tests(get_exercise(n), d) for n, d in zip(args[::2], args[1::2])]))
+        print(RESULTS + json.dumps([run_tests(get_exercise(n), d) for n, d in zip(args[::2], args[1::2])]))
         return 0
+    # --key=value options (a bare --json is --json=) and positional arguments, in any order
     opts = dict(a.removeprefix('--').partition('=')[::2] for a in args if a.startswith('--'))
     pos = [a for a in args if not a.startswith('--')]
     known = {'list': set(), 'make': {'out'}, 'check': {'dir', 'json'}}

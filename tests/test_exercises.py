@@ -150,7 +150,8 @@ def test_every_exercise_fails_blanked_and_passes_solved(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'exercises.py'), '_run', *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    for (ex, d, solved), results in zip(jobs, json.loads(r.stdout.splitlines()[-1])):
+    reports = json.loads(r.stdout.splitlines()[-1].removeprefix(exercises.RESULTS))
+    for (ex, d, solved), results in zip(jobs, reports):
         failed = [t['title'] + ': ' + t['message'] for t in results if not t['passed']]
         if solved:
             assert not failed and len(results) >= 5, (ex.name, failed)
