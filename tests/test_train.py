@@ -309,8 +309,8 @@ def test_ddp_two_gloo_processes_match_one_process_with_grad_accumulation(tmp_pat
     assert one['data'] == two['data']
     assert len(two['rng']) == 2
     for a, b in zip(records(tmp_path / 'one'), records(tmp_path / 'two')):
-        assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-5)
-        assert a.get('val_loss') == pytest.approx(b.get('val_loss'), rel=1e-5)
+        for key in ('train_loss', 'val_loss'):  # None where a line has no such loss (pytest 9's approx refuses None)
+            assert a.get(key) == (None if b.get(key) is None else pytest.approx(b[key], rel=1e-5)), (key, a, b)
 
 
 def test_train_then_sample(tmp_path, data_dir):
