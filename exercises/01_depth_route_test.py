@@ -91,7 +91,8 @@ def test_equal_logits_give_the_mean():
         f'with all logits equal every weight should be 1/3; read {a.flatten()[:3].tolist()}'
     i = worst(mix, want)
     assert torch.allclose(mix.double(), want, atol=1e-9), \
-        f'with all logits equal mix should be the mean of the 3 sources; at {i}: expected {want[i]:.6f}, read {mix[i]:.6f}'
+        f'with all logits equal mix should be the mean of the 3 sources; at {i}: expected {want[i]:.6f}, ' \
+        f'read {mix[i]:.6f}'
 
 
 def test_large_logits_stay_finite():

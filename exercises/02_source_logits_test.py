@@ -56,7 +56,8 @@ def test_logits_are_the_query_against_the_rms_normalised_key():
     if abs(ratio - 1 / math.sqrt(D)) < 1e-3:
         hint = f' Yours are the reference times 1/sqrt(d) = {ratio:.4f}: the paper scales by nothing.'
     elif abs(ratio - math.sqrt(D)) < 1e-3:
-        hint = f' Yours are the reference times sqrt(d) = {ratio:.4f}: normalise by the RMS (a mean over d), not the norm.'
+        hint = f' Yours are the reference times sqrt(d) = {ratio:.4f}: normalise by the RMS (a mean over d), ' \
+               f'not the norm.'
     raise AssertionError(f'the logit of token (b, t) = {i[:2]} for read {i[2]} should be {want[i]:.6f}; read '
                          f'{got[i]:.6f}.{hint}')
 
@@ -91,7 +92,8 @@ def test_float32_under_bfloat16_autocast():
         f'under bfloat16 autocast the logits came back as {lg.dtype}: autocast runs matmuls in bfloat16. ' \
         f'Turn it off inside the function (with torch.autocast(device_type=v.device.type, enabled=False))'
     err = (lg.double() - want).abs().max().item()
-    assert err < 1e-4, f'under bfloat16 autocast the logits are off by up to {err:.3g}: they should be computed in float32'
+    assert err < 1e-4, \
+        f'under bfloat16 autocast the logits are off by up to {err:.3g}: they should be computed in float32'
     lg16 = source_logits(v.bfloat16(), W)
     assert lg16.dtype == torch.float32, \
         f'a bfloat16 source should give float32 logits (use wide(v), defined in model.py); got {lg16.dtype}'
@@ -139,4 +141,5 @@ def test_routed_models_match_a_loop_with_explicit_keys():
             want = model.lm_head(model.transformer.ln_f(final))
             got, _ = model(idx, idx)
         err = (got - want).abs().max().item()
-        assert err < 1e-9, f'the {label} model\'s logits differ from a loop with explicit RMS-normalised keys by up to {err:.3g}'
+        assert err < 1e-9, \
+            f'the {label} model\'s logits differ from a loop with explicit RMS-normalised keys by up to {err:.3g}'

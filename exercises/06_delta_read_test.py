@@ -43,7 +43,7 @@ def check_close(got, want, what, tol=1e-10):
         f'{what}: expected a tensor of shape {tuple(want.shape)}, got ' \
         f'{tuple(got.shape) if torch.is_tensor(got) else type(got).__name__}'
     err = (got - want).abs().max().item()
-    assert err <= tol, f"{what}; it is off by up to {err:.3g}"
+    assert err <= tol, f'{what}; it is off by up to {err:.3g}'
 
 
 def test_delta_sublayer_0_reads_the_embedding():
