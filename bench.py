@@ -7,9 +7,12 @@ Benchmarks: training-step speed and memory of each residual variant, and the rou
 
 Each variant trains for `warmup` untimed steps (compilation happens there), then `steps` timed steps on random
 tokens. One table is printed (ms/step, tok/s, MFU against the device's peak, peak memory, ratios to the
-standard variant of the same run) and written as JSON. The routing micro-benchmark times one read over
-`route_sources` sources, forward and backward, and reports the bandwidth it achieves counting the bytes that
-must move.
+standard variant of the same run) and written as JSON. `--route_impl=plain` times AttnRes and Delta with
+model.py's plain routing (whole-model compile) instead of fastroute.py's fused path.
+The routing micro-benchmark runs the routing of a whole `route_variant` stream alone (the sublayers replaced by
+fixed random outputs), forward and backward, and reports the bandwidth it achieves counting only the bytes that
+must move: each (source, read) pair's source read once forward, and each read's output gradient read once per
+source backward.
 """
 
 import json
@@ -19,7 +22,7 @@ from dataclasses import asdict
 
 import torch
 
-from model import GPT, GPTConfig, depth_route, peak_flops
+from model import GPT, GPTConfig, _num_sources, peak_flops
 
 # default: GPT-2 124M as nanoGPT's bench.py, and the variants as the comparisons use them
 VARIANTS = {
@@ -32,11 +35,11 @@ VARIANTS = {
     'delta_block': dict(residual='delta', res_block=6),
 }
 defaults = dict(
-    variants=','.join(VARIANTS), device='cuda', dtype='bfloat16', compile=True,
+    variants=','.join(VARIANTS), device='cuda', dtype='bfloat16', compile=True, route_impl='auto',
     batch_size=16, block_size=1024, n_layer=12, n_head=12, n_embd=768, vocab_size=50304,
     warmup=10, steps=30, seed=1337, json='bench.json',
     profile=False,  # also write the top GPU kernels of 3 profiled steps per variant next to the JSON
-    route_sources=24, route_tokens=16384, route_steps=50,  # 0 route_steps skips the micro-benchmark
+    route_variant='delta', route_steps=20,  # 0 route_steps skips the routing micro-benchmark
 )
 
 
@@ -64,10 +67,11 @@ def bench_variant(name, cfg, device):
     """Time `steps` AdamW training steps of one variant; returns a dict of measurements."""
     torch.manual_seed(cfg['seed'])
     mcfg = GPTConfig(block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], n_layer=cfg['n_layer'],
-                     n_head=cfg['n_head'], n_embd=cfg['n_embd'], **VARIANTS[name])
+                     n_head=cfg['n_head'], n_embd=cfg['n_embd'], route_impl=cfg['route_impl'], **VARIANTS[name])
     model = GPT(mcfg).to(device)  # fp32 weights; autocast below runs the matmuls in bf16, as train.py does
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
-    step_model = torch.compile(model) if cfg['compile'] else model  # the whole model: one graph per variant
+    if cfg['compile']:
+        model.compile()  # in place, the whole model as one graph
     B, T = cfg['batch_size'], cfg['block_size']
     # random tokens: the speed of a step does not depend on the data, and no dataset is needed
     x = torch.randint(0, mcfg.vocab_size, (B, T), device=device)
@@ -76,7 +80,7 @@ def bench_variant(name, cfg, device):
 
     def step():
         with autocast:
-            _, loss = step_model(x, y)
+            _, loss = model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -104,29 +108,43 @@ def bench_variant(name, cfg, device):
             sync(device)
         sort = 'cuda_time_total' if device.type == 'cuda' else 'cpu_time_total'
         with open(cfg['json'].removesuffix('.json') + f'_profile_{name}.txt', 'w') as f:
-            f.write(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=90))
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90))
     return dict(variant=name, ms_per_step=1000 * dt, tok_per_s=tok_s, mfu=mfu, peak_mem_mb=peak_mb,
                 warmup_s=warmup_s, loss=loss.item(), params=model.get_num_params(),
                 flops_per_token=model.flops_per_token(), config=asdict(mcfg))
 
 
 def bench_routing(cfg, device):
-    """One read of depth_route over n sources, forward + backward. The bytes that must move (per token, d wide,
-    sources in bf16, the mixture and its gradient in fp32): forward reads n sources and writes the mixture;
-    backward reads the mixture's gradient, reads the n sources again (for the weights' gradients) and writes
-    n source gradients: (3 n * 2 + 2 * 4) * d bytes, plus the n logits and their gradients (2 n * 4 bytes)."""
-    n, N, d = cfg['route_sources'], cfg['route_tokens'], cfg['n_embd']
+    """Forward and backward of the routing of a whole stream, the sublayers replaced by fixed random outputs.
+    The bytes that must move (per token, d wide, sources and gradients in the storage dtype): forward, each
+    (source, read) pair's source once; backward, each read's output gradient once per source that it saw.
+    E.g. Delta, 12 layers: 299 pairs x 768 x 2 bytes x 2 = 0.92 MB a token, 15 GB for 16k tokens."""
+    torch.manual_seed(cfg['seed'])
+    B, T, L, d = cfg['batch_size'], cfg['block_size'], cfg['n_layer'], cfg['n_embd']
+    mcfg = GPTConfig(n_layer=L, n_head=cfg['n_head'], n_embd=d, route_impl=cfg['route_impl'],
+                     **VARIANTS[cfg['route_variant']])
+    stream = GPT(mcfg).stream.to(device)
     dtype = getattr(torch, cfg['dtype'])
-    g = torch.Generator(device=device).manual_seed(0)
-    # n separate (1, N, d) tensors, as the model keeps its sources: no stacked copy
-    srcs = [torch.randn(1, N, d, device=device, dtype=dtype, generator=g).requires_grad_() for _ in range(n)]
-    logits = [torch.randn(1, N, device=device, generator=g).requires_grad_() for _ in range(n)]
-    grad = torch.randn(1, N, d, device=device, generator=g)
-    route = torch.compile(depth_route) if cfg['compile'] else depth_route
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=cfg['dtype'] != 'float32')
+    e = torch.randn(B, T, d, device=device, requires_grad=True)
+    outs = [torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2 * L)]
+    grads = [torch.randn(B, T, d, device=device) for _ in range(2 * L + 1)]
+
+    def run(e, outs):
+        st = stream.start(e)
+        hs = []
+        for s, out in enumerate(outs):
+            hs.append(stream.read(st, s))
+            stream.write(st, s, out, hs[-1], None)
+        return hs + [stream.final(st)]
+
+    fused = hasattr(stream, 'fused') and stream.fused(e)  # fastroute.FusedRouted on its own path
+    route = torch.compile(run) if cfg['compile'] else run
 
     def step():
-        mix, _ = route(srcs, logits)
-        mix.backward(grad)
+        with autocast:
+            hs = route(e, outs)
+        torch.autograd.backward(hs, grads)
 
     for _ in range(3):
         step()
@@ -136,9 +154,20 @@ def bench_routing(cfg, device):
         step()
     sync(device)
     dt = (time.time() - t0) / cfg['route_steps']
-    # e.g. 24 bf16 sources, 768 wide: (3 * 24 * 2 + 8) * 768 + 192 = 116,928 bytes a token, 1.9 GB for 16k tokens
-    nbytes = N * ((3 * n * dtype.itemsize + 2 * 4) * d + 2 * n * 4)
-    return dict(sources=n, tokens=N, d=d, ms=1000 * dt, gb_per_s=nbytes / dt / 1e9, bytes=nbytes)
+    pairs = sum(_num_sources(r + int(stream.additive), stream.S) for r in range(stream.n_reads))
+    nbytes = 2 * pairs * B * T * d * dtype.itemsize
+    # the ceiling to compare with: a large device-to-device copy (bytes read + bytes written)
+    x = torch.empty(2**28, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync(device)
+    t0 = time.time()
+    for _ in range(20):
+        y.copy_(x)
+    sync(device)
+    copy_bw = 2 * x.numel() * 20 / (time.time() - t0)
+    return dict(variant=cfg['route_variant'], impl='fused' if fused else 'plain', pairs=pairs, tokens=B * T, d=d,
+                ms=1000 * dt, bytes=nbytes, gb_per_s=nbytes / dt / 1e9, copy_gb_per_s=copy_bw / 1e9)
 
 
 def main(argv=None):
@@ -167,13 +196,15 @@ def main(argv=None):
         r['mem_ratio'] = r['peak_mem_mb'] / base['peak_mem_mb'] if base and r['peak_mem_mb'] else None
         print(f'| {r["variant"]} | {r["ms_per_step"]:.1f} | {r["tok_per_s"]:,.0f} | '
               f'{fmt(r["mfu"] and 100 * r["mfu"], ".1f")}{"%" if r["mfu"] else ""} | {fmt(r["peak_mem_mb"], ",.0f")} | '
-              f'{fmt(r["step_ratio"], ".2f")}x | {fmt(r["mem_ratio"], ".2f")}x |')
+              f'{fmt(r["step_ratio"], ".2f")}x | {fmt(r["mem_ratio"], ".2f")}{"x" if r["mem_ratio"] else ""} |')
     result = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type,
                   torch=torch.__version__, date=time.strftime('%Y-%m-%d'), config=cfg, variants=rows)
     if cfg['route_steps'] > 0:
         rt = result['routing'] = bench_routing(cfg, device)
-        print(f'\nrouting op, {rt["sources"]} sources x {rt["tokens"]} tokens x {rt["d"]} wide, fwd+bwd: '
-              f'{rt["ms"]:.3f} ms, {rt["gb_per_s"]:.0f} GB/s')
+        print(f'\nrouting of a whole {rt["variant"]} stream ({rt["impl"]}), {rt["pairs"]} (source, read) pairs x '
+              f'{rt["tokens"]} tokens x {rt["d"]} wide, fwd+bwd: {rt["ms"]:.3f} ms, {rt["gb_per_s"]:.0f} GB/s of bytes '
+              f'that must move ({100 * rt["gb_per_s"] / rt["copy_gb_per_s"]:.0f}% of a copy\'s '
+              f'{rt["copy_gb_per_s"]:.0f} GB/s)')
     with open(cfg['json'], 'w') as f:
         json.dump(result, f, indent=1)
     return result

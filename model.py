@@ -98,12 +98,14 @@ class GPTConfig:
     res_block: int = 0       # attnres/delta: 0 routes over every sublayer output, S > 0 over sums of S sublayers
     ddl_dv: int = 1          # ddl: value channels of the state; 1 = a vector stream, >1 = a d x dv matrix
     delta_gate: bool = False  # delta: scale the routed term by a learnable scalar that starts at 0
+    route_impl: str = 'auto'  # attnres/delta: 'plain' (Routed below), 'fused' (fastroute.py), 'auto' = fused on CUDA
 
     def __post_init__(self):
         checks = [
             ('residual', self.residual in RESIDUALS, f'one of {RESIDUALS}'),
             ('res_block', self.res_block >= 0, 'an int >= 0 (0 = per sublayer, S > 0 = blocks of S sublayers)'),
             ('ddl_dv', self.ddl_dv >= 1, 'an int >= 1'),
+            ('route_impl', self.route_impl in ('auto', 'plain', 'fused'), "'auto', 'plain' or 'fused'"),
             ('n_embd', self.n_head > 0 and self.n_embd % self.n_head == 0, f'divisible by n_head={self.n_head}'),
             ('dropout', 0.0 <= self.dropout < 1.0, 'in [0, 1)'),
         ] + [(k, getattr(self, k) > 0, 'an int > 0') for k in ('block_size', 'vocab_size', 'n_layer', 'n_head')]
@@ -300,8 +302,12 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         # the variant goes last: the init above touches only Linear and Embedding modules, not its parameters
         r = config.residual
+        if r in ('attnres', 'delta') and config.route_impl != 'plain':
+            from fastroute import FusedRouted as Routing  # Routed's math and parameters, fused for the GPU
+        else:
+            Routing = Routed
         self.stream = (Standard() if r == 'standard' else DeepDelta(config) if r == 'ddl'
-                       else Routed(config, additive=(r == 'delta')))
+                       else Routing(config, additive=(r == 'delta')))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -333,7 +339,11 @@ class GPT(nn.Module):
             h = self.stream.read(st, s)  # what sublayer s reads, before its pre-norm: (B, T, d)
             c = norm(h)  # DDL needs c too: its gate beta is computed from the normalised input
             self.stream.write(st, s, f(c), h, c)
-        x = self.transformer.ln_f(self.stream.final(st))  # (B, T, d)
+        return self.head(self.stream.final(st), targets)
+
+    def head(self, x, targets):
+        """ln_f, the output layer and the loss, from the stream's final state x (B, T, d)."""
+        x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed
         logits = self.lm_head(x)
@@ -368,7 +378,7 @@ class GPT(nn.Module):
             return None
         self.stream.record = []  # Routed._route appends (weights, number of finished sources) to it
         try:
-            self(idx)
+            self.forward(idx)  # forward, not __call__: eager even after model.compile()
             record = self.stream.record
         finally:
             self.stream.record = None

@@ -10,8 +10,7 @@ import bench
 from model import GPT, GPTConfig
 
 TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=16',
-        '--batch_size=2', '--vocab_size=128', '--warmup=1', '--steps=2', '--route_sources=5', '--route_tokens=64',
-        '--route_steps=2']
+        '--batch_size=2', '--vocab_size=128', '--warmup=1', '--steps=2', '--route_steps=2']
 
 
 def test_bench_table_and_json(tmp_path, capsys):
@@ -28,14 +27,18 @@ def test_bench_table_and_json(tmp_path, capsys):
         assert r['mfu'] is None and r['peak_mem_mb'] is None  # no peak FLOP/s or CUDA memory on a CPU
         assert r['config']['residual'] == bench.VARIANTS[name]['residual']
     assert rows['delta']['flops_per_token'] > rows['standard']['flops_per_token']
-    rt = result['routing']  # 5 bf16 sources, 64 tokens, 32 wide: (3 * 5 * 2 + 2 * 4) * 32 + 2 * 5 * 4 bytes a token
-    assert rt['bytes'] == 64 * ((3 * 5 * 2 + 2 * 4) * 32 + 2 * 5 * 4) and rt['gb_per_s'] > 0
+    # the routing of a 2-layer Delta stream: reads of sublayers 1, 2, 3 see 2, 3, 4 sources = 9 pairs; each
+    # pair moves a bf16 source forward and a bf16 read gradient backward: 2 * 9 * 2 bytes x 32 wide x 32 tokens
+    rt = result['routing']
+    assert (rt['pairs'], rt['impl']) == (9, 'plain') and rt['bytes'] == 2 * 9 * 2 * 32 * 32 and rt['gb_per_s'] > 0
+    fused = bench.main(TINY + ['--variants=delta', '--route_impl=fused', f'--json={out}'])['routing']
+    assert (fused['pairs'], fused['impl']) == (9, 'fused')
 
 
 def test_bench_help(capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse(['--help'])
-    assert e.value.code == 0 and '--route_sources=24' in capsys.readouterr().out
+    assert e.value.code == 0 and '--route_variant=delta' in capsys.readouterr().out
 
 
 def test_bench_rejects_unknown_options():

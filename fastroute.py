@@ -1,0 +1,454 @@
+"""
+Fused routing for Attention Residuals and Delta Attention Residuals: the math of model.Routed and
+model.depth_route, organised around the GPU's memory bandwidth. model.py stays the reference; this file is
+what `route_impl='auto'` (on CUDA) or `'fused'` (anywhere) runs, and tests/test_fastroute.py holds it to
+the reference, forward and every gradient.
+
+What the plain path costs, and what this one does instead (per token, d wide, n sources at a read):
+- Forward, a read mixes its n sources. Plain: one generated kernel per read (fine), plus the logits of
+  every new partial block against all reads. Here: one kernel per read reads each visible source once,
+  in the storage dtype (bf16 under autocast), and computes the softmax on the fly from logits that were
+  computed once, when the source was registered.
+- Backward, plain: autograd adds each read's contribution into each source's gradient, a read-modify-write
+  of an fp32 (B, T, d) tensor per (source, read) pair, about 10 bytes per element per pair. Here: a read's
+  backward only stores its output gradient g_r (bf16) and one number per token, c_r = g_r . mix_r. A
+  source's backward runs once, after every read that saw it, and reads v_i and each later g_r once:
+      dL/dv_i = sum_r a_ir g_r + (terms of the logits, from dl_ir = a_ir (g_r . v_i - c_r))
+  so about 2 bytes per element per pair, with nothing accumulated in memory.
+
+How autograd is made to run a source's backward after all of its reads: every op here takes and returns
+a 0-dim "token" tensor, chained in forward order, and every backward op takes and returns the token's
+gradient. Backward runs the chain in reverse, so when source i's backward runs, every later read's backward
+has run and left its g_r in the Router (the buffers of one forward pass). The sources are not autograd
+inputs of the reads (the reads find them in the Router's buffer), so autograd never builds one gradient
+tensor per pair.
+
+The ops are registered with torch.library: torch.compile keeps each as one call in the model's graph (the
+tokens order them there too) and fuses everything around them. Kernels: Triton on CUDA (and on CPU under
+TRITON_INTERPRET=1, for tests); elsewhere the same arithmetic in torch.
+"""
+
+import math
+import os
+import weakref
+from typing import Optional
+
+import torch
+
+from model import Routed, source_logits, wide
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch versions below do the same arithmetic
+    triton = None
+
+EPS = 1e-6  # source_logits' epsilon in the RMS of a key
+
+
+class FusedRouted(Routed):
+    """model.Routed with the fused path: the same parameters, the same math. Falls back to Routed's own
+    code where the fused path is not used (route_impl='auto' off CUDA, or while routing_weights records)."""
+
+    def __init__(self, config, additive):
+        super().__init__(config, additive)
+        self.impl = config.route_impl
+        # The plan, fixed by the config: slot 0 is the embedding, slot s + 1 the partial (or finished) block
+        # after sublayer s's write. A slot is read by a contiguous range of reads [r0, r1): every later
+        # read once its block is finished, only the next read while it is a partial block.
+        R, S = self.n_reads, self.S
+        self.ranges = [(0, R)]  # read number r of sublayer s is r = s (AttnRes) or s - 1 (Delta)
+        for s in range(2 * config.n_layer):
+            r0 = s + 1 - int(additive)  # the first read after sublayer s's write
+            if r0 < R:  # Delta's last output is read by no one: no slot
+                self.ranges.append((r0, R if (s + 1) % S == 0 else r0 + 1))
+        self.visible = [[i for i, (r0, r1) in enumerate(self.ranges) if r0 <= r < r1] for r in range(R)]
+        n = max(map(len, self.visible)) + 1
+        # (R, n) slot table for the kernels, padded with slot 0 (a valid address, never used); moved to the
+        # device with the model, once, rather than every step
+        self.register_buffer('table', torch.tensor([v + [0] * (n - len(v)) for v in self.visible],
+                                                   dtype=torch.int32), persistent=False)
+        # the ops find this stream's plan and its latest Router by this key (ints pass through the compiler)
+        self.key = len(PLANS) and max(PLANS) + 1
+        PLANS[self.key] = Plan(self.ranges, self.visible, R)
+        weakref.finalize(self, PLANS.pop, self.key, None)
+
+    def fused(self, e):
+        return self.record is None and (self.impl == 'fused' or (self.impl == 'auto' and e.is_cuda))
+
+    def start(self, e):
+        if not self.fused(e):
+            return super().start(e)
+        dev = e.device.type  # sources are stored as the sublayers output them: the autocast dtype, if on
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else e.dtype
+        W = self.query * self.key_gain
+        token = torch.ops.fastroute.start(e.detach(), self.key, dtype)
+        return {'x': e, 'W': W, 'partial': None, 'dtype': dtype,
+                'token': torch.ops.fastroute.add(token, e, W, self.key, 0)}
+
+    def read(self, st, s):
+        if 'token' not in st:
+            return super().read(st, s)
+        if self.additive and s == 0:
+            return st['x']  # as Routed: sublayer 0 of Delta reads e unrouted
+        r = s - int(self.additive)
+        gamma = None if self.gate is None else self.gate[r]
+        return self._read(st, r, st['x'] if self.additive else None, gamma)
+
+    def _read(self, st, r, base, gamma):
+        h, _, st['token'] = torch.ops.fastroute.read(st['token'], base, gamma, self.table[r], self.key, r,
+                                                     list(st['x'].shape), st['dtype'])
+        return h
+
+    def write(self, st, s, out, h, c):
+        if 'token' not in st:
+            return super().write(st, s, out, h, c)
+        if self.additive:
+            st['x'] = st['x'] + out
+        st['partial'] = out if st['partial'] is None else wide(st['partial']) + out  # as Routed
+        if s + 1 < len(self.ranges):
+            st['token'] = torch.ops.fastroute.add(st['token'], st['partial'], st['W'], self.key, s + 1)
+        if (s + 1) % self.S == 0:
+            st['partial'] = None
+
+    def final(self, st):
+        if 'token' not in st or self.additive:
+            return super().final(st)
+        return self._read(st, self.n_reads - 1, None, None)
+
+
+class Plan:
+    """A stream's slots and reads, and the Router of its latest forward pass (one forward at a time: the
+    backward of a step must run before the next step's forward, as in training)."""
+
+    def __init__(self, ranges, visible, n_reads):
+        self.ranges, self.visible, self.n_reads, self.router = ranges, visible, n_reads, None
+
+
+PLANS = {}
+
+
+class Router:
+    """The sources, logits and softmax statistics of one forward pass, shared by its ops."""
+
+    def __init__(self, plan, e, dtype):
+        B, T, d = e.shape
+        n, R, M = len(plan.ranges), plan.n_reads, B * T
+        acc = wide(e).dtype  # statistics in fp32 (or wider)
+        self.V = e.new_empty((n, M, d), dtype=dtype)     # slot i: source i, (M, d)
+        self.Lg = e.new_empty((n, R, M), dtype=acc)      # its logit against read r, where r sees it
+        self.mmax, self.ssum, self.c = (e.new_empty((R, M), dtype=acc) for _ in range(3))  # per read
+        self.G = None  # (R, M, d) read-output gradients, allocated by the first read backward
+        self.plan, self.shape = plan, (B, T, d)
+
+# ----------------------------------------------------------------------------------------------------------
+# The ops, registered with torch.library so that torch.compile keeps each as one opaque call in its graph.
+# Each takes the token of the op before it and returns a new one (see the top of this file); their
+# backward ops take and return the token's gradient, so the compiled backward keeps the same order.
+
+@torch.library.custom_op('fastroute::start', mutates_args=())
+def start_op(e: torch.Tensor, key: int, dtype: torch.dtype) -> torch.Tensor:
+    PLANS[key].router = Router(PLANS[key], e, dtype)
+    return e.new_zeros((), dtype=wide(e).dtype)
+
+
+@torch.library.custom_op('fastroute::add', mutates_args=())
+def add_op(token: torch.Tensor, v: torch.Tensor, W: torch.Tensor, key: int, slot: int) -> torch.Tensor:
+    """Registers a source: stores it and its logits against the reads that will see it. Its backward is
+    the source's whole gradient (and its share of the queries' gradient)."""
+    ro = PLANS[key].router
+    with torch.autocast(v.device.type, enabled=False):
+        add_source(ro, v.reshape(-1, v.size(-1)), W, slot, *ro.plan.ranges[slot])
+    return token.clone()
+
+
+@torch.library.custom_op('fastroute::add_backward', mutates_args=())
+def add_backward_op(g_token: torch.Tensor, W: torch.Tensor, key: int, slot: int, shape: list[int],
+                    v_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ro = PLANS[key].router
+    r0, r1 = ro.plan.ranges[slot]
+    v = ro.V[slot]
+    with torch.autocast(v.device.type, enabled=False):
+        dv, dlr = source_grad(ro, W, slot, r0, r1)  # dlr: (r1 - r0, M) logit gradients over rms(v)
+        dW = torch.zeros_like(W)
+        # dL/dW_r = sum over tokens of dl_r * v / rms(v): the logit is (W_r . v) / rms(v)
+        dW[r0:r1] = (dlr.to(v.dtype) @ v).to(dW.dtype)
+    if slot == 0:  # the embedding's backward is the last of the chain: the step's buffers can go now
+        PLANS[key].router = None
+    return dv.view(shape).to(v_dtype), dW, g_token.clone()
+
+
+@torch.library.custom_op('fastroute::read', mutates_args=())
+def read_op(token: torch.Tensor, base: Optional[torch.Tensor], gamma: Optional[torch.Tensor], slots: torch.Tensor,
+            key: int, r: int, shape: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One routed read: h = mix (AttnRes) or base + gamma * mix (Delta), and (Delta) the mix in the storage
+    dtype for the backward."""
+    ro = PLANS[key].router
+    with torch.autocast(ro.V.device.type, enabled=False):
+        h, mix = read_mix(ro, r, slots, base, gamma)
+    return h.view(shape), (mix if mix is not None else h.new_empty(0, dtype=dtype)), token.clone()
+
+
+@torch.library.custom_op('fastroute::read_backward', mutates_args=())
+def read_backward_op(g_token: torch.Tensor, g_h: torch.Tensor, mix: torch.Tensor, gamma: Optional[torch.Tensor],
+                     key: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leaves g_r = gamma dL/dh and c_r = g_r . mix in the Router for the sources' backward; returns
+    dL/dh . mix per token (for the gate's gradient)."""
+    ro = PLANS[key].router
+    if ro.G is None:  # the last read's backward comes first
+        ro.G = ro.V.new_empty((ro.plan.n_reads,) + ro.V.shape[1:])
+    with torch.autocast(ro.V.device.type, enabled=False):
+        ch = read_grad(ro, r, g_h.reshape(-1, g_h.size(-1)), mix.reshape(-1, g_h.size(-1)), gamma)
+    return ch, g_token.clone()
+
+
+@start_op.register_fake
+def _(e, key, dtype):
+    return e.new_empty((), dtype=wide(e).dtype)
+
+
+@add_op.register_fake
+def _(token, v, W, key, slot):
+    return token.new_empty(())
+
+
+@add_backward_op.register_fake
+def _(g_token, W, key, slot, shape, v_dtype):
+    return g_token.new_empty(shape, dtype=v_dtype), torch.empty_like(W), g_token.new_empty(())
+
+
+@read_op.register_fake
+def _(token, base, gamma, slots, key, r, shape, dtype):
+    mix = token.new_empty((math.prod(shape[:-1]), shape[-1]) if base is not None else (0,), dtype=dtype)
+    return token.new_empty(shape), mix, token.new_empty(())
+
+
+@read_backward_op.register_fake
+def _(g_token, g_h, mix, gamma, key, r):
+    return g_token.new_empty(g_h.numel() // g_h.size(-1)), g_token.new_empty(())
+
+
+def _add_setup(ctx, inputs, output):
+    token, v, W, key, slot = inputs
+    ctx.key, ctx.slot, ctx.shape, ctx.v_dtype = key, slot, list(v.shape), v.dtype
+    ctx.save_for_backward(W)
+
+
+def _add_backward(ctx, g_token):
+    W, = ctx.saved_tensors
+    dv, dW, g_token = add_backward_op(g_token, W, ctx.key, ctx.slot, ctx.shape, ctx.v_dtype)
+    return g_token, dv, dW, None, None
+
+
+def _read_setup(ctx, inputs, output):
+    token, base, gamma, slots, key, r, shape, dtype = inputs
+    h, mix, _ = output
+    ctx.key, ctx.r, ctx.has_base = key, r, base is not None
+    ctx.save_for_backward(mix if base is not None else h, gamma)  # AttnRes: h is the mix
+
+
+def _read_backward(ctx, g_h, g_mix, g_token):
+    mix, gamma = ctx.saved_tensors
+    ch, g_token = read_backward_op(g_token, g_h, mix, gamma, ctx.key, ctx.r)
+    dgamma = None if gamma is None else ch.sum().to(gamma.dtype)
+    return g_token, (g_h if ctx.has_base else None), dgamma, None, None, None, None, None
+
+
+add_op.register_autograd(_add_backward, setup_context=_add_setup)
+read_op.register_autograd(_read_backward, setup_context=_read_setup)
+
+# ----------------------------------------------------------------------------------------------------------
+# The three computations, each in torch (the definition) and in Triton (one pass over memory)
+
+def use_triton(t):
+    return triton is not None and (t.is_cuda or os.environ.get('TRITON_INTERPRET') == '1')
+
+
+def add_source(ro, v, W, slot, r0, r1):
+    """V[slot] = v; Lg[slot, r] = (W_r . v) / rms(v) for r in [r0, r1)."""
+    M, d = v.shape
+    if use_triton(v):
+        v = v.contiguous()
+        _add_source_kernel[(triton.cdiv(M, BM),)](v, W, ro.V[slot], ro.Lg[slot], r0, r1, M, d, EPS,
+                                                  BM=BM, BD=triton.next_power_of_2(d), num_warps=WARPS)
+    else:
+        ro.V[slot] = v
+        ro.Lg[slot, r0:r1] = source_logits(v, W[r0:r1], EPS).t()
+
+
+def read_mix(ro, r, table, base, gamma):
+    """The mixture of the sources read r sees; its softmax max and sum are kept for the backward.
+    Returns h (M, d) and, for Delta, the mix in the storage dtype (None for AttnRes, whose h is the mix)."""
+    slots = ro.plan.visible[r]
+    M, d = ro.V.shape[1:]
+    acc = ro.Lg.dtype
+    h = ro.V.new_empty((M, d), dtype=acc)
+    mix = None if base is None else ro.V.new_empty((M, d))
+    if use_triton(h):
+        dummy = h  # unused pointer arguments
+        _read_kernel[(triton.cdiv(M, BM),)](
+            ro.V, ro.Lg, table, len(slots), r, dummy if base is None else base.contiguous(),
+            dummy if gamma is None else gamma, h, dummy if mix is None else mix, ro.mmax[r], ro.ssum[r], M, d,
+            ro.Lg.size(1),
+            HAS_BASE=base is not None, HAS_GAMMA=gamma is not None, BM=BM, BD=triton.next_power_of_2(d),
+            num_warps=WARPS)
+    else:
+        lg = ro.Lg[slots, r]                                       # (n, M)
+        ro.mmax[r] = lg.max(0).values
+        w = (lg - ro.mmax[r]).exp()
+        ro.ssum[r] = w.sum(0)
+        # (n, M) weights against (n, M, d) sources -> (M, d)
+        h = torch.einsum('nm,nmd->md', w / ro.ssum[r], ro.V[slots].to(acc))
+        if base is not None:
+            mix[:] = h
+            h = base.reshape(M, d) + (h if gamma is None else gamma * h)
+    return h, mix
+
+
+def read_grad(ro, r, gh, mix, gamma):
+    """G[r] = gamma * dL/dh, c[r] = G[r] . mix; returns dL/dh . mix per token (M,)."""
+    M, d = gh.shape
+    ch = gh.new_empty(M, dtype=ro.c.dtype)
+    if use_triton(gh):
+        _read_grad_kernel[(triton.cdiv(M, BM),)](gh.contiguous(), mix, gamma if gamma is not None else ch, ro.G[r],
+                                                 ro.c[r], ch, M, d, HAS_GAMMA=gamma is not None, BM=BM,
+                                                 BD=triton.next_power_of_2(d), num_warps=WARPS)
+    else:
+        g = gh if gamma is None else gamma * gh
+        ro.G[r] = g
+        ch[:] = (wide(gh) * wide(mix)).sum(-1)
+        ro.c[r] = ch if gamma is None else gamma * ch
+    return ch
+
+
+def source_grad(ro, W, i, r0, r1):
+    """dL/dv_i (M, d) from the reads r0 <= r < r1 that saw source i, and the logit gradients over rms(v_i)
+    (r1 - r0, M) for the queries' gradient. With a_r = softmax weight, l_r = logit, g_r = read gradient:
+        dl_r = a_r (g_r . v - c_r)
+        dv = sum_r a_r g_r + (sum_r dl_r W_r) / rms(v) - (sum_r dl_r l_r) v / (d rms(v)^2)
+    the last two terms being d l_r / dv = W_r / rms(v) - l_r v / (d rms(v)^2) (the RMS of the key)."""
+    M, d = ro.V.shape[1:]
+    acc = ro.Lg.dtype
+    dv = ro.V.new_empty((M, d), dtype=acc)
+    dlr = ro.V.new_empty((r1 - r0, M), dtype=acc)
+    if use_triton(dv):
+        _source_grad_kernel[(triton.cdiv(M, BM),)](ro.V[i], ro.G[r0], ro.Lg[i], ro.mmax, ro.ssum, ro.c, W, r0,
+                                                   r1, dv, dlr, M, d, EPS, BM=BM,
+                                                   BD=triton.next_power_of_2(d), num_warps=WARPS)
+    else:
+        v, G = ro.V[i].to(acc), ro.G[r0:r1].to(acc)                   # (M, d), (k, M, d)
+        rinv = torch.rsqrt(v.pow(2).mean(-1) + EPS)                     # (M,)
+        lg = ro.Lg[i, r0:r1]                                            # (k, M)
+        a = (lg - ro.mmax[r0:r1]).exp() / ro.ssum[r0:r1]
+        dl = a * (torch.einsum('kmd,md->km', G, v) - ro.c[r0:r1])
+        dv = (torch.einsum('km,kmd->md', a, G) + rinv[:, None] * (dl.t() @ W[r0:r1].to(acc))
+              - ((dl * lg).sum(0) * rinv ** 2 / d)[:, None] * v)
+        dlr = dl * rinv
+    return dv, dlr
+
+
+BM, WARPS = 4, 4  # tokens per program and warps: a 4 x 1024 fp32 tile is 32 registers a thread
+
+if triton is not None:
+    @triton.jit
+    def _add_source_kernel(v_ptr, W, V, Lg, r0, r1, M, D, eps, BM: tl.constexpr, BD: tl.constexpr):
+        # V, Lg: this slot's (M, D) source and (R, M) logits
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.arange(0, BD)
+        rmask, cmask = rows < M, cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        tl.store(V + offs, v, mask=mask)
+        v = v.to(tl.float32)
+        rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
+        for r in range(r0, r1):
+            w = tl.load(W + r * D + cols, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(Lg + r * M + rows, tl.sum(v * w[None, :], 1) * rinv, mask=rmask)
+
+    @triton.jit
+    def _read_kernel(V, Lg, slots, n, r, base, gamma, H, MIX, MMAX, SSUM, M, D, R,
+                     HAS_BASE: tl.constexpr, HAS_GAMMA: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.arange(0, BD)
+        rmask = rows < M
+        mask = rmask[:, None] & (cols < D)[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        m = tl.full([BM], float('-inf'), tl.float32)
+        for i in range(n):  # the softmax max first: a second pass over n logits is cheaper than rescaling
+            sl = tl.load(slots + i).to(tl.int64)
+            m = tl.maximum(m, tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0))
+        s = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, BD], tl.float32)
+        sl = tl.load(slots).to(tl.int64)
+        x_next = tl.load(V + sl * M * D + offs, mask=mask, other=0.0)
+        for i in range(n):  # each source is read once; the next one's load is issued before this one's math
+            x = x_next
+            w = tl.exp(tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0) - m)
+            sl = tl.load(slots + i + 1).to(tl.int64)  # the table's padding makes slots[n] a valid slot
+            # (rows * 0 + ...: a vector condition, which the interpreter accepts in a mask as the compiler does)
+            x_next = tl.load(V + sl * M * D + offs, mask=mask & (rows * 0 + i + 1 < n)[:, None], other=0.0)
+            s += w
+            acc += w[:, None] * x.to(tl.float32)
+        mix = acc / s[:, None]
+        tl.store(MMAX + rows, m, mask=rmask)  # this read's rows of the (R, M) statistics
+        tl.store(SSUM + rows, s, mask=rmask)
+        if HAS_BASE:
+            tl.store(MIX + offs, mix, mask=mask)
+            if HAS_GAMMA:
+                mix = mix * tl.load(gamma)
+            mix += tl.load(base + offs, mask=mask, other=0.0)
+        tl.store(H + offs, mix, mask=mask)
+
+    @triton.jit
+    def _read_grad_kernel(GH, MIX, gamma, G, C, CH, M, D,
+                          HAS_GAMMA: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.arange(0, BD)
+        rmask = rows < M
+        mask = rmask[:, None] & (cols < D)[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        gh = tl.load(GH + offs, mask=mask, other=0.0).to(tl.float32)
+        ch = tl.sum(gh * tl.load(MIX + offs, mask=mask, other=0.0).to(tl.float32), 1)
+        tl.store(CH + rows, ch, mask=rmask)
+        if HAS_GAMMA:
+            gm = tl.load(gamma)
+            gh, ch = gh * gm, ch * gm
+        tl.store(G + offs, gh, mask=mask)  # G, C: this read's rows
+        tl.store(C + rows, ch, mask=rmask)
+
+    @triton.jit
+    def _source_grad_kernel(V, G, Lg, MMAX, SSUM, C, W, r0, r1, DV, DLR, M, D, eps,
+                            BM: tl.constexpr, BD: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.arange(0, BD)
+        rmask, cmask = rows < M, cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)  # V, Lg: source i's slot
+        rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
+        # pass 1 streams the reads' gradients (the bytes that matter): sum_r a_r g_r and each dl_r
+        acc = tl.zeros([BM, BD], tl.float32)
+        gp = G + offs  # G starts at read r0's gradient; a step of M * D per read (64-bit pointer arithmetic)
+        g_next = tl.load(gp, mask=mask, other=0.0)
+        for r in range(r0, r1):  # each later read's gradient is read once; the next load goes out first
+            g = g_next.to(tl.float32)
+            gp += M * D
+            g_next = tl.load(gp, mask=mask & (rows * 0 + r + 1 < r1)[:, None], other=0.0)
+            a = (tl.exp(tl.load(Lg + r * M + rows, mask=rmask, other=0.0)
+                        - tl.load(MMAX + r * M + rows, mask=rmask, other=0.0))
+                 / tl.load(SSUM + r * M + rows, mask=rmask, other=1.0))
+            dl = a * (tl.sum(g * v, 1) - tl.load(C + r * M + rows, mask=rmask, other=0.0))
+            acc += a[:, None] * g
+            tl.store(DLR + (r - r0) * M + rows, dl, mask=rmask)
+        tl.debug_barrier()  # pass 2 reads back what other threads of this program stored
+        # pass 2, small loads only (dl_r, l_r, W_r from cache): the logits' terms, kept out of pass 1's registers
+        accw = tl.zeros([BM, BD], tl.float32)  # sum_r dl_r W_r
+        sdl = tl.zeros([BM], tl.float32)       # sum_r dl_r l_r
+        for r in range(r0, r1):
+            dl = tl.load(DLR + (r - r0) * M + rows, mask=rmask, other=0.0)
+            accw += dl[:, None] * tl.load(W + r * D + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            sdl += dl * tl.load(Lg + r * M + rows, mask=rmask, other=0.0)
+            tl.store(DLR + (r - r0) * M + rows, dl * rinv, mask=rmask)
+        dv = acc + rinv[:, None] * accw - (sdl * rinv * rinv / D)[:, None] * v
+        tl.store(DV + offs, dv, mask=mask)

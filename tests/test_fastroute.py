@@ -1,0 +1,189 @@
+"""The fused routing of fastroute.py against model.py's plain Routed: forward values and every gradient.
+On CPU the fused path runs its torch kernels (float64 here, so any difference is a bug, not rounding); its
+Triton kernels run under Triton's interpreter when triton is installed; on a GPU, in bf16 against float64."""
+
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastroute
+from model import GPT, GPTConfig, Routed
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = {  # n_layer=3: 6 sublayers, so blocks of 4 and 5 end with a partial block
+    'attnres': dict(residual='attnres'),
+    'attnres_block4': dict(residual='attnres', res_block=4),
+    'attnres_block5': dict(residual='attnres', res_block=5),
+    'delta': dict(residual='delta'),
+    'delta_block4': dict(residual='delta', res_block=4),
+    'delta_gate': dict(residual='delta', delta_gate=True),
+    'delta_block2_gate': dict(residual='delta', res_block=2, delta_gate=True),
+}
+
+
+def build(impl, n_layer=3, n_embd=32, seed=0, **kw):
+    """A model with random routing parameters (queries far from zero: the softmax is far from uniform)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=16, vocab_size=128, n_layer=n_layer, n_head=2, n_embd=n_embd,
+                          route_impl=impl, **kw))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.startswith('stream.'):
+                p.add_(torch.randn_like(p) * (3.0 if 'query' in n else 0.3))
+    return model
+
+
+def loss_and_grads(model, B=2, T=16):
+    g = torch.Generator().manual_seed(1)
+    idx, tgt = torch.randint(0, 128, (2, B, T), generator=g).to(model.lm_head.weight.device)
+    _, loss = model(idx, tgt)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def rel_err(a, b):
+    """|a - b| / |b| over the whole tensor, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def stream_grads(stream, e, outs, seed=2):
+    """Run a stream alone on given sources: every read's output and the gradients of e and of every
+    sublayer output for random output gradients. Checks the sources' gradients directly."""
+    g = torch.Generator().manual_seed(seed)
+    st, hs = stream.start(e), []
+    for s, out in enumerate(outs):
+        hs.append(stream.read(st, s))
+        stream.write(st, s, out, hs[-1], None)
+    hs.append(stream.final(st))
+    torch.autograd.backward(hs, [torch.randn(h.shape, generator=g, dtype=h.dtype) for h in hs])
+    return [h.detach() for h in hs], [e.grad] + [o.grad for o in outs]
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_fused_equals_plain_float64(name):
+    plain, fused = build('plain', **CASES[name]).double(), build('fused', **CASES[name]).double()
+    assert type(plain.stream) is Routed and isinstance(fused.stream, fastroute.FusedRouted)
+    # the same parameter names and values: checkpoints move between the two paths
+    assert plain.state_dict().keys() == fused.state_dict().keys()
+    lp, gp = loss_and_grads(plain)
+    lf, gf = loss_and_grads(fused)
+    torch.testing.assert_close(lf, lp, rtol=1e-12, atol=0)
+    for n in gp:  # every parameter: backbone, queries, key gains, gates
+        torch.testing.assert_close(gf[n], gp[n], rtol=1e-10, atol=1e-13, msg=n)
+    # and the sources themselves: e and each sublayer output, as independent leaves
+    g = torch.Generator().manual_seed(5)
+    leaves = lambda: (torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(6), dtype=torch.float64),
+                      [torch.randn(2, 16, 32, generator=g, dtype=torch.float64) for _ in range(6)])
+    e, outs = leaves()
+    hp, sp = stream_grads(plain.stream, e.clone().requires_grad_(), [o.clone().requires_grad_() for o in outs])
+    hf, sf = stream_grads(fused.stream, e.clone().requires_grad_(), [o.clone().requires_grad_() for o in outs])
+    for a, b in zip(hf + sf, hp + sp):
+        if b is None:  # Delta's last output is read by no one
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_plan_matches_the_source_counts():
+    """Each read sees the sources the paper's bookkeeping gives it (model._num_sources), and every source
+    is read by a contiguous range of reads."""
+    from model import _num_sources
+    for kw in CASES.values():
+        stream = build('fused', **kw).stream
+        for r, slots in enumerate(stream.visible):
+            assert len(slots) == _num_sources(r + int(stream.additive), stream.S)
+            assert slots[0] == 0  # the embedding is always a source
+        assert all(r0 < r1 <= stream.n_reads for r0, r1 in stream.ranges)
+
+
+def test_fused_falls_back_to_plain_off_cuda_and_while_recording():
+    """'auto' routes with the plain code on CPU; routing_weights records through the plain code too."""
+    auto, plain = build('auto', **CASES['delta_block4']), build('plain', **CASES['delta_block4'])
+    idx = torch.randint(0, 128, (1, 16))
+    assert not auto.stream.fused(torch.zeros(1))
+    torch.testing.assert_close(auto.routing_weights(idx), plain.routing_weights(idx))
+    fused = build('fused', **CASES['delta_block4'])
+    torch.testing.assert_close(fused.routing_weights(idx), plain.routing_weights(idx))
+
+
+def test_router_is_freed_after_backward(monkeypatch):
+    """The Router (a step's sources and read gradients) lives from the forward to the end of the backward,
+    not into the next step: nothing else holds it."""
+    routers, init = [], fastroute.Router.__init__
+
+    def record(self, *args):
+        init(self, *args)
+        routers.append(weakref.ref(self))
+    monkeypatch.setattr(fastroute.Router, '__init__', record)
+    loss_and_grads(build('fused', **CASES['delta_block4']))
+    assert len(routers) == 1 and routers[0]() is None
+
+
+def test_no_grad_forward_and_bad_route_impl():
+    model = build('fused', **CASES['attnres'])
+    with torch.no_grad():
+        logits, _ = model(torch.randint(0, 128, (2, 16)))
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match='route_impl'):
+        GPTConfig(route_impl='triton')
+
+
+@pytest.mark.slow
+def test_compiled_fused_path_matches_eager():
+    """The ops are registered with torch.library: torch.compile keeps each as one call in a single graph
+    (fullgraph: no graph break), and the compiled model computes what the eager one does."""
+    eager, model = build('fused', **CASES['delta_block2_gate']), build('fused', **CASES['delta_block2_gate'])
+    model.compile(fullgraph=True)  # in place, as train.py and bench.py do
+    le, ge = loss_and_grads(eager)
+    lc, gc = loss_and_grads(model)
+    torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
+    for n in ge:
+        assert rel_err(gc[n], ge[n]) < 1e-5, n
+
+
+INTERPRET = """
+import torch, fastroute
+from tests.test_fastroute import build, loss_and_grads, rel_err, CASES
+assert fastroute.use_triton(torch.zeros(1))
+for name in ('attnres_block5', 'delta', 'delta_block2_gate'):
+    lp, gp = loss_and_grads(build('plain', n_layer=2, n_embd=24, **CASES[name]))
+    lf, gf = loss_and_grads(build('fused', n_layer=2, n_embd=24, **CASES[name]))
+    errs = [rel_err(lf, lp)] + [rel_err(gf[n], gp[n]) for n in gp]
+    assert max(errs) < 1e-5, errs  # fp32 kernels against fp32 torch: rounding-level differences only
+print('ok')
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(fastroute.triton is None, reason='triton is not installed')
+def test_triton_kernels_under_the_interpreter():
+    """The Triton kernels themselves, on the CPU: n_embd=24 also exercises the masked columns (24 of 32)."""
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, '-c', INTERPRET], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == 'ok', res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('name', ['attnres', 'attnres_block4', 'delta', 'delta_block2_gate'])
+def test_fused_on_gpu_bf16_against_float64(name):
+    """Under bf16 autocast the fused path stores its sources and read gradients in bf16; the plain path keeps
+    e and the block sums in fp32. Both are compared with a float64 run of the same model, by the relative
+    norm of the error of the loss and of every gradient. Bound: bf16 carries 8 bits (relative rounding
+    2^-9 = 2e-3), and both paths round every matmul input to bf16 anyway, so their errors are of the same
+    size; the fused path may be at most 2x the plain path's error plus 2e-3."""
+    cfg = dict(n_layer=4, n_embd=256, **CASES[name])
+    ref = build('plain', **cfg).double().cuda()
+    lr, gr = loss_and_grads(ref, B=4, T=16)
+    errs = {}
+    for impl in ('plain', 'fused'):
+        model = build(impl, **cfg).cuda()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            loss, grads = loss_and_grads(model, B=4, T=16)
+        errs[impl] = [rel_err(loss, lr)] + [rel_err(grads[n], gr[n]) for n in gr]
+    for n, ep, ef in zip(['loss'] + list(gr), errs['plain'], errs['fused']):
+        assert ef <= 2 * ep + 2e-3, (n, ef, ep)
