@@ -47,6 +47,15 @@ EXERCISES = [
 # what a student copy holds: the project's code, configs and exercises; not tests/ (its naive reference loops
 # would give the answers away), data or runs
 COPY = ['*.py', 'README.md', 'requirements.txt', 'configs/*.py', 'exercises/*.md', 'exercises/*_test.py']
+# fastroute.py, the fused GPU path, re-implements the routing math of exercises 1, 2, 5 and 6 (softmax over
+# depth, the keys, the bookkeeping, the Delta read); the copy gets this stand-in, so every device routes with
+# the student's Routed
+FASTROUTE_STAND_IN = '''"""
+Stand-in for the fused GPU routing path, which a student copy of the project leaves out: it re-implements the
+routing that the exercises ask for. Every device uses model.Routed's plain code, with the same parameters.
+"""
+from model import Routed as FusedRouted  # noqa: F401 (imported by GPT.__init__)
+'''
 MIN_LEAK_CHARS = 8  # shorter lines ('return', 'else:') say nothing about a solution
 CHECK_TIMEOUT = 600  # seconds; a student's endless loop must not hang a grading script
 RESULTS = 'exercise results: '  # the child's line of JSON starts with this
@@ -146,8 +155,9 @@ def make(ex, out):
             dst = os.path.join(out, os.path.relpath(src, HERE))
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.copyfile(src, dst)
-    with open(os.path.join(out, 'model.py'), 'w', encoding='utf-8') as f:
-        f.write(student)
+    for name, text in (('model.py', student), ('fastroute.py', FASTROUTE_STAND_IN)):
+        with open(os.path.join(out, name), 'w', encoding='utf-8') as f:
+            f.write(text)
     leaks = find_leaks(removed, out)
     if leaks:
         shutil.rmtree(out)
