@@ -3,7 +3,7 @@ Quick start on a laptop CPU: a 4-layer, 128-wide GPT with Delta Attention Residu
 then sampled, with the routing weights of the prompt printed as a heatmap.
 
   python prepare.py                                    # data/fineweb10B: FineWeb val + 1 train shard, 400 MB
-  python train.py configs/cpu_quickstart.py            # 300 steps, about 5 minutes on 2 CPU cores
+  python train.py configs/cpu_quickstart.py            # 300 steps, 5 to 6 minutes on 2 idle CPU cores
   python sample.py --out_dir=out-quickstart --device=cpu --start="The meaning of life is"
 
 Any text of your own works too: `python prepare.py --text notes.jsonl --name notes` writes data/notes/, then
