@@ -1,8 +1,9 @@
 """
-Quick start on a laptop CPU: a 4-layer, 128-wide GPT trained for a few minutes, then sampled.
+Quick start on a laptop CPU: a 4-layer, 128-wide GPT with Delta Attention Residuals, trained for a few minutes,
+then sampled, with the routing weights of the prompt printed as a heatmap.
 
   python prepare.py                                    # data/fineweb10B: FineWeb val + 1 train shard, 400 MB
-  python train.py configs/cpu_quickstart.py            # 300 steps, about 5 minutes on 2 CPU cores
+  python train.py configs/cpu_quickstart.py            # 300 steps, 5 to 6 minutes on 2 idle CPU cores
   python sample.py --out_dir=out-quickstart --device=cpu --start="The meaning of life is"
 
 Any text of your own works too: `python prepare.py --text notes.jsonl --name notes` writes data/notes/, then
@@ -19,6 +20,9 @@ n_layer = 4
 n_head = 4
 n_embd = 128
 block_size = 128
+# the residual stream: Delta AttnRes, the standard stream plus a routed mix of e and every earlier sublayer
+# output, so sample.py has routing weights to show (residual = 'standard' trains plain GPT-2)
+residual = 'delta'
 # 16 sequences x 128 tokens = 2,048 tokens per step, no grad accumulation; 300 steps = 614,400 tokens
 total_batch_size = 16 * 128
 batch_size = 16
