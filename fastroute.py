@@ -1,7 +1,7 @@
 """
 Fused routing for Attention Residuals and Delta Attention Residuals: the math of model.Routed and
 model.depth_route, organised around the GPU's memory bandwidth. model.py stays the reference; this file is
-what `route_impl='auto'` (on CUDA) or `'fused'` (anywhere) runs, and tests/test_fastroute.py holds it to
+what `route_impl='fused'` (anywhere) or `'auto'` (on CUDA, per-sublayer forms) runs, and tests/test_fastroute.py holds it to
 the reference, forward and every gradient.
 
 What the plain path costs, and what this one does instead (per token, d wide, n sources at a read):
@@ -74,7 +74,11 @@ class FusedRouted(Routed):
         weakref.finalize(self, PLANS.pop, self.key, None)
 
     def fused(self, e):
-        return self.record is None and (self.impl == 'fused' or (self.impl == 'auto' and e.is_cuda))
+        # 'auto': on CUDA for the per-sublayer forms only. Measured on an H100 at GPT-2 124M, the fused path
+        # is as fast or faster there and compiles in a fifth of the time; in block form (<= 5 sources a
+        # read) torch.compile's own fusion of the plain path is faster (README, Performance)
+        auto = e.is_cuda and self.S == 1
+        return self.record is None and (self.impl == 'fused' or (self.impl == 'auto' and auto))
 
     def start(self, e):
         if not self.fused(e):
@@ -402,14 +406,17 @@ if triton is not None:
             m = tl.maximum(m, tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0))
         s = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, BD], tl.float32)
+        # the next source's values and logit are loaded before this one's math (software pipelining)
         sl = tl.load(slots).to(tl.int64)
         x_next = tl.load(V + sl * M * D + offs, mask=mask, other=0.0)
-        for i in range(n):  # each source is read once; the next one's load is issued before this one's math
-            x = x_next
-            w = tl.exp(tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0) - m)
-            sl = tl.load(slots + i + 1).to(tl.int64)  # the table's padding makes slots[n] a valid slot
+        l_next = tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0)
+        for i in range(n):  # each source is read once
+            x, w = x_next, tl.exp(l_next - m)
             # (rows * 0 + ...: a vector condition, which the interpreter accepts in a mask as the compiler does)
-            x_next = tl.load(V + sl * M * D + offs, mask=mask & (rows * 0 + i + 1 < n)[:, None], other=0.0)
+            more = rmask & (rows * 0 + i + 1 < n)
+            sl = tl.load(slots + i + 1).to(tl.int64)  # the table's padding makes slots[n] a valid slot
+            x_next = tl.load(V + sl * M * D + offs, mask=mask & more[:, None], other=0.0)
+            l_next = tl.load(Lg + (sl * R + r) * M + rows, mask=more, other=0.0)
             s += w
             acc += w[:, None] * x.to(tl.float32)
         mix = acc / s[:, None]
@@ -452,15 +459,20 @@ if triton is not None:
         # pass 1 streams the reads' gradients (the bytes that matter): sum_r a_r g_r and each dl_r
         acc = tl.zeros([BM, BD], tl.float32)
         gp = G + offs  # G starts at read r0's gradient; a step of M * D per read (64-bit pointer arithmetic)
+        # the next read's gradient and statistics are loaded before this one's math (software pipelining)
         g_next = tl.load(gp, mask=mask, other=0.0)
-        for r in range(r0, r1):  # each later read's gradient is read once; the next load goes out first
-            g = g_next.to(tl.float32)
+        q = r0 * M + rows
+        l_next, m_next = tl.load(Lg + q, mask=rmask, other=0.0), tl.load(MMAX + q, mask=rmask, other=0.0)
+        s_next, c_next = tl.load(SSUM + q, mask=rmask, other=1.0), tl.load(C + q, mask=rmask, other=0.0)
+        for r in range(r0, r1):  # each later read's gradient is read once
+            g, a, c = g_next.to(tl.float32), tl.exp(l_next - m_next) / s_next, c_next
             gp += M * D
-            g_next = tl.load(gp, mask=mask & (rows * 0 + r + 1 < r1)[:, None], other=0.0)
-            a = (tl.exp(tl.load(Lg + r * M + rows, mask=rmask, other=0.0)
-                        - tl.load(MMAX + r * M + rows, mask=rmask, other=0.0))
-                 / tl.load(SSUM + r * M + rows, mask=rmask, other=1.0))
-            dl = a * (tl.sum(g * v, 1) - tl.load(C + r * M + rows, mask=rmask, other=0.0))
+            more = rmask & (rows * 0 + r + 1 < r1)
+            q += M
+            g_next = tl.load(gp, mask=mask & more[:, None], other=0.0)
+            l_next, m_next = tl.load(Lg + q, mask=more, other=0.0), tl.load(MMAX + q, mask=more, other=0.0)
+            s_next, c_next = tl.load(SSUM + q, mask=more, other=1.0), tl.load(C + q, mask=more, other=0.0)
+            dl = a * (tl.sum(g * v, 1) - c)
             acc += a[:, None] * g
             tl.store(DLR + (r - r0) * M + rows, dl, mask=rmask)
         tl.debug_barrier()  # pass 2 reads back what other threads of this program stored
