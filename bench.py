@@ -181,14 +181,15 @@ def main(argv=None):
             torch.cuda.empty_cache()
     base = next((r for r in rows if r['variant'] == 'standard'), None)
     fmt = lambda v, f: '-' if v is None else format(v, f)
-    print(f'\n| variant | ms/step | tok/s | MFU | peak mem (MB) | step vs standard | mem vs standard |')
-    print('|---|---|---|---|---|---|---|')
+    print('\n| variant | ms/step | tok/s | MFU | peak mem (MB) | step vs standard | mem vs standard | warm-up (s) |')
+    print('|---|---|---|---|---|---|---|---|')
     for r in rows:  # ratios against the standard model measured in this same run
         r['step_ratio'] = r['ms_per_step'] / base['ms_per_step'] if base else None
         r['mem_ratio'] = r['peak_mem_mb'] / base['peak_mem_mb'] if base and r['peak_mem_mb'] else None
         print(f'| {r["variant"]} | {r["ms_per_step"]:.1f} | {r["tok_per_s"]:,.0f} | '
               f'{fmt(r["mfu"] and 100 * r["mfu"], ".1f")}{"%" if r["mfu"] else ""} | {fmt(r["peak_mem_mb"], ",.0f")} | '
-              f'{fmt(r["step_ratio"], ".2f")}x | {fmt(r["mem_ratio"], ".2f")}{"x" if r["mem_ratio"] else ""} |')
+              f'{fmt(r["step_ratio"], ".2f")}x | {fmt(r["mem_ratio"], ".2f")}{"x" if r["mem_ratio"] else ""} | '
+              f'{r["warmup_s"]:.0f} |')
     result = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type,
                   torch=torch.__version__, date=time.strftime('%Y-%m-%d'), config=cfg, variants=rows)
     if cfg['route_steps'] > 0:

@@ -31,7 +31,6 @@ TRITON_INTERPRET=1, for tests); elsewhere the same arithmetic in torch.
 import math
 import os
 import weakref
-from typing import Optional
 
 import torch
 
