@@ -130,8 +130,6 @@ class Plan:
         self.ranges, self.visible, self.n_reads, self.router = ranges, visible, n_reads, None
 
 
-PLANS = {}
-
 
 class Router:
     """The sources, logits and softmax statistics of one forward pass, shared by its ops."""
@@ -155,20 +153,34 @@ class Router:
 # so the compiled backward keeps the same order. One op per sublayer, kept lean: a plain Library kernel
 # (the least dispatch overhead) and no work on the token but a 0-dim allocation.
 
-LIB = torch.library.Library('fastroute', 'DEF')
-LIB.define('start(Tensor e, Tensor W, int key, ScalarType dtype) -> Tensor')
-LIB.define('start_backward(Tensor g_token, Tensor W, int key, SymInt[] shape, ScalarType e_dtype) -> (Tensor, Tensor)')
-LIB.define('read(Tensor token, Tensor? v, Tensor W, Tensor? base, Tensor? gamma, Tensor slots, int key, int slot,'
-           ' int r, SymInt[] shape, ScalarType dtype) -> (Tensor, Tensor, Tensor)')
-LIB.define('read_backward(Tensor g_token, Tensor g_h, Tensor mix, Tensor? gamma, Tensor W, int key, int slot, int r,'
-           ' SymInt[] shape, ScalarType v_dtype) -> (Tensor, Tensor, Tensor)')
+# Registered once per process. A second import of this file (a tool that reloads the project's modules, as
+# exercises.py's grader does) finds the ops there, and shares their registry of plans.
+FIRST = not hasattr(torch.ops.fastroute, 'plans')
+if FIRST:
+    torch.ops.fastroute.plans = {}
+    LIB = torch.ops.fastroute.lib = torch.library.Library('fastroute', 'DEF')  # kept alive with the ops
+PLANS = torch.ops.fastroute.plans
+DEFS = ['start(Tensor e, Tensor W, int key, ScalarType dtype) -> Tensor',
+        'start_backward(Tensor g_token, Tensor W, int key, SymInt[] shape, ScalarType e_dtype) -> (Tensor, Tensor)',
+        'read(Tensor token, Tensor? v, Tensor W, Tensor? base, Tensor? gamma, Tensor slots, int key, int slot,'
+        ' int r, SymInt[] shape, ScalarType dtype) -> (Tensor, Tensor, Tensor)',
+        'read_backward(Tensor g_token, Tensor g_h, Tensor mix, Tensor? gamma, Tensor W, int key, int slot, int r,'
+        ' SymInt[] shape, ScalarType v_dtype) -> (Tensor, Tensor, Tensor)']
+if FIRST:
+    for schema in DEFS:
+        LIB.define(schema)
 
 
 def impl(name):
     def register(fn):
-        LIB.impl(name, fn, 'CompositeExplicitAutograd')  # every device; autograd is registered below
+        if FIRST:
+            LIB.impl(name, fn, 'CompositeExplicitAutograd')  # every device; autograd is registered below
         return fn
     return register
+
+
+def fake(name):
+    return torch.library.register_fake(f'fastroute::{name}') if FIRST else (lambda fn: fn)
 
 
 @impl('start')
@@ -226,23 +238,23 @@ def source_backward(ro, W, slot):
     return dv
 
 
-@torch.library.register_fake('fastroute::start')
+@fake('start')
 def _(e, W, key, dtype):
     return e.new_empty((), dtype=wide(e).dtype)
 
 
-@torch.library.register_fake('fastroute::start_backward')
+@fake('start_backward')
 def _(g_token, W, key, shape, e_dtype):
     return g_token.new_empty(shape, dtype=e_dtype), torch.empty_like(W)
 
 
-@torch.library.register_fake('fastroute::read')
+@fake('read')
 def _(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
     mix = token.new_empty((math.prod(shape[:-1]), shape[-1]) if base is not None else (0,), dtype=dtype)
     return token.new_empty(shape), mix, token.new_empty(())
 
 
-@torch.library.register_fake('fastroute::read_backward')
+@fake('read_backward')
 def _(g_token, g_h, mix, gamma, W, key, slot, r, shape, v_dtype):
     dv = g_token.new_empty(shape if slot >= 0 else (0,), dtype=v_dtype)
     return g_token.new_empty(g_h.numel() // g_h.size(-1)), dv, g_token.new_empty(())
@@ -278,8 +290,9 @@ def _read_backward(ctx, g_h, g_mix, g_token):
     return g_token, dv, None, (g_h if ctx.has_base else None), dgamma, None, None, None, None, None, None
 
 
-torch.library.register_autograd('fastroute::start', _start_backward, setup_context=_start_setup)
-torch.library.register_autograd('fastroute::read', _read_backward, setup_context=_read_setup)
+if FIRST:
+    torch.library.register_autograd('fastroute::start', _start_backward, setup_context=_start_setup)
+    torch.library.register_autograd('fastroute::read', _read_backward, setup_context=_read_setup)
 
 # ----------------------------------------------------------------------------------------------------------
 # The three computations, each in torch (the definition) and in Triton (one pass over memory)
