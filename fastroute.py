@@ -1,8 +1,8 @@
 """
 Fused routing for Attention Residuals and Delta Attention Residuals: the math of model.Routed and
 model.depth_route, organised around the GPU's memory bandwidth. model.py stays the reference; this file is
-what `route_impl='fused'` (anywhere) or `'auto'` (on CUDA, per-sublayer forms) runs, and tests/test_fastroute.py holds it to
-the reference, forward and every gradient.
+what `route_impl='fused'` (anywhere) or `'auto'` (on CUDA, per-sublayer forms) runs, and
+tests/test_fastroute.py holds it to the reference, forward and every gradient.
 
 What the plain path costs, and what this one does instead (per token, d wide, n sources at a read):
 - Forward, a read mixes its n sources. Plain: one generated kernel per read (fine), plus the logits of
@@ -130,7 +130,6 @@ class Plan:
         self.ranges, self.visible, self.n_reads, self.router = ranges, visible, n_reads, None
 
 
-
 class Router:
     """The sources, logits and softmax statistics of one forward pass, shared by its ops."""
 
@@ -143,7 +142,7 @@ class Router:
         self.mmax, self.ssum, self.c = (e.new_empty((R, M), dtype=acc) for _ in range(3))  # per read
         self.G = None   # (R, M, d) read-output gradients, allocated by the first read backward
         self.dW = None  # (R, d) the queries' gradient, summed over the sources' backward
-        self.plan, self.shape = plan, (B, T, d)
+        self.plan = plan
 
 # ----------------------------------------------------------------------------------------------------------
 # The ops, registered with torch.library so that torch.compile keeps each as one opaque call in its graph.

@@ -98,7 +98,8 @@ class GPTConfig:
     res_block: int = 0       # attnres/delta: 0 routes over every sublayer output, S > 0 over sums of S sublayers
     ddl_dv: int = 1          # ddl: value channels of the state; 1 = a vector stream, >1 = a d x dv matrix
     delta_gate: bool = False  # delta: scale the routed term by a learnable scalar that starts at 0
-    route_impl: str = 'auto'  # attnres/delta: 'plain' (Routed below), 'fused' (fastroute.py), 'auto' (see there)
+    route_impl: str = 'auto'  # attnres/delta: 'plain' (Routed below), 'fused' (fastroute.py), 'auto' (fused on CUDA
+                              # for res_block=0, where it measured faster; see fastroute.FusedRouted.fused)
 
     def __post_init__(self):
         checks = [
@@ -339,11 +340,7 @@ class GPT(nn.Module):
             h = self.stream.read(st, s)  # what sublayer s reads, before its pre-norm: (B, T, d)
             c = norm(h)  # DDL needs c too: its gate beta is computed from the normalised input
             self.stream.write(st, s, f(c), h, c)
-        return self.head(self.stream.final(st), targets)
-
-    def head(self, x, targets):
-        """ln_f, the output layer and the loss, from the stream's final state x (B, T, d)."""
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(self.stream.final(st))  # (B, T, d)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed
         logits = self.lm_head(x)
