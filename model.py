@@ -140,11 +140,12 @@ class DeepDelta(nn.Module):
     identity. v is read from the un-normalised x_in as in the paper's code (the paper's text says W_v c).
     dv = 1 is the scalar form. dv > 1 is the paper's default 'DDL': a channel compressor per layer (shared by
     its two sublayers, plus one for the readout) and a causal embedding conv that expands e into X."""
+    eps_k = 1e-5  # k's epsilon: |out| below it and k shrinks to 0 instead of dividing by ~0
 
     def __init__(self, config):
         super().__init__()
         d, dv, L = config.n_embd, config.ddl_dv, config.n_layer
-        self.dv, self.eps_k = dv, 1e-5
+        self.dv = dv
         std = 0.5 / math.sqrt(d)  # the paper's code initialises these with N(0, 0.5/sqrt(d))
         self.w_b = nn.Parameter(torch.randn(2 * L, d) * std)  # gate: one row per sublayer
         self.b_b = nn.Parameter(torch.zeros(2 * L))          # logit(beta0/2) with beta0 = 1, the code's default
@@ -302,13 +303,17 @@ class GPT(nn.Module):
             if pn.endswith('c_proj.weight'):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         # the variant goes last: the init above touches only Linear and Embedding modules, not its parameters
-        r = config.residual
-        if r in ('attnres', 'delta') and config.route_impl != 'plain':
+        r, fuse = config.residual, config.route_impl != 'plain'
+        if r in ('attnres', 'delta') and fuse:
             from fastroute import FusedRouted as Routing  # Routed's math and parameters, fused for the GPU
         else:
             Routing = Routed
-        self.stream = (Standard() if r == 'standard' else DeepDelta(config) if r == 'ddl'
-                       else Routing(config, additive=(r == 'delta')))
+        if r == 'ddl' and fuse:  # DeepDelta's math and parameters, fused for the GPU; its backward
+            from fastddl import FusedDeepDelta  # recomputes c = ln(h), so it is given the pre-norms
+            self.stream = FusedDeepDelta(config, [norm for norm, _ in self.sublayers()])
+        else:
+            self.stream = (Standard() if r == 'standard' else DeepDelta(config) if r == 'ddl'
+                           else Routing(config, additive=(r == 'delta')))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
