@@ -8,8 +8,8 @@ Benchmarks: training-step speed and memory of each residual variant, and the rou
 Each variant trains for `warmup` untimed steps (compilation happens there), then `steps` timed steps on random
 tokens. One table is printed (ms/step, tok/s, MFU against the device's peak, peak memory, ratios to the
 standard variant of the same run) and written as JSON. `--route_impl=plain` or `--route_impl=fused` times
-AttnRes and Delta with model.py's routing or fastroute.py's fused path in every form ('auto', the default,
-picks per form; see fastroute.FusedRouted.fused).
+AttnRes, Delta and DDL with model.py's code or the fused paths of fastroute.py and fastddl.py in every form
+('auto', the default, picks per form; see FusedRouted.fused and FusedDeepDelta.fused).
 The routing micro-benchmark runs the routing of a whole `route_variant` stream alone (the sublayers replaced by
 fixed random outputs), forward and backward, and reports the bandwidth it achieves counting only the bytes that
 must move: each (source, read) pair's source read once forward, and each read's output gradient read once per

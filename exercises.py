@@ -56,6 +56,18 @@ routing that the exercises ask for. Every device uses model.Routed's plain code,
 """
 from model import Routed as FusedRouted  # noqa: F401 (imported by GPT.__init__)
 '''
+# fastddl.py, the fused DDL write, re-implements the delta rule of exercise 4 in the same way
+FASTDDL_STAND_IN = '''"""
+Stand-in for the fused DDL write, which a student copy of the project leaves out: it re-implements the delta
+rule that an exercise asks for. Every device uses model.DeepDelta's plain code, with the same parameters.
+"""
+from model import DeepDelta
+
+
+class FusedDeepDelta(DeepDelta):  # GPT.__init__ passes the pre-norms, which only the fused backward needs
+    def __init__(self, config, norms):
+        super().__init__(config)
+'''
 MIN_LEAK_CHARS = 8  # shorter lines ('return', 'else:') say nothing about a solution
 CHECK_TIMEOUT = 600  # seconds; a student's endless loop must not hang a grading script
 RESULTS = 'exercise results: '  # the child's line of JSON starts with this
@@ -155,7 +167,7 @@ def make(ex, out):
             dst = os.path.join(out, os.path.relpath(src, HERE))
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.copyfile(src, dst)
-    for name, text in (('model.py', student), ('fastroute.py', FASTROUTE_STAND_IN)):
+    for name, text in (('model.py', student), ('fastroute.py', FASTROUTE_STAND_IN), ('fastddl.py', FASTDDL_STAND_IN)):
         with open(os.path.join(out, name), 'w', encoding='utf-8') as f:
             f.write(text)
     leaks = find_leaks(removed, out)

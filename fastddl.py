@@ -29,12 +29,12 @@ torch.library, so torch.compile keeps each as one call in the model's graph and 
 Kernels: Triton on CUDA (and on CPU under TRITON_INTERPRET=1, for tests); elsewhere the same math in torch.
 """
 
-import os
 import weakref
 
 import torch
 from torch.nn import functional as F
 
+from fastroute import Ops, use_triton
 from model import DeepDelta, wide
 
 try:
@@ -104,35 +104,18 @@ class State:
 
 # ----------------------------------------------------------------------------------------------------------
 # The ops. Each takes the token of the op before it and returns a new one; the backward ops take and return
-# the token's gradient, so the compiled backward keeps the same order. Registered once per process (a tool
-# that reloads the project's modules finds them there, and shares their registry).
+# the token's gradient, so the compiled backward keeps the same order.
 
-FIRST = not hasattr(torch.ops.fastddl, 'streams')
-if FIRST:
-    torch.ops.fastddl.streams = {}
-    LIB = torch.ops.fastddl.lib = torch.library.Library('fastddl', 'DEF')  # kept alive with the ops
-    for schema in [
-            'start(Tensor X, Tensor? W, int key) -> (Tensor, Tensor)',
-            'start_backward(Tensor g_token, Tensor g_x, Tensor? W, int key) -> (Tensor, Tensor)',
-            'write(Tensor token, Tensor out, Tensor c, Tensor x, Tensor w_b, Tensor b_b, Tensor w_v, Tensor b_v,'
-            ' Tensor? W, Tensor ln_w, Tensor? ln_b, int key) -> (Tensor, Tensor, Tensor)',
-            'write_backward(Tensor g_token, Tensor g_xn, Tensor out, Tensor x, Tensor saved, Tensor w_b,'
-            ' Tensor w_v, Tensor? W, Tensor ln_w, Tensor? ln_b, int key, ScalarType c_dtype)'
-            ' -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)']:
-        LIB.define(schema)
-STREAMS = torch.ops.fastddl.streams
-
-
-def impl(name):
-    def register(fn):
-        if FIRST:
-            LIB.impl(name, fn, 'CompositeExplicitAutograd')  # every device; autograd is registered below
-        return fn
-    return register
-
-
-def fake(name):
-    return torch.library.register_fake(f'fastddl::{name}') if FIRST else (lambda fn: fn)
+OPS = Ops('fastddl', [
+    'start(Tensor X, Tensor? W, int key) -> (Tensor, Tensor)',
+    'start_backward(Tensor g_token, Tensor g_x, Tensor? W, int key) -> (Tensor, Tensor)',
+    'write(Tensor token, Tensor out, Tensor c, Tensor x, Tensor w_b, Tensor b_b, Tensor w_v, Tensor b_v,'
+    ' Tensor? W, Tensor ln_w, Tensor? ln_b, int key) -> (Tensor, Tensor, Tensor)',
+    'write_backward(Tensor g_token, Tensor g_xn, Tensor out, Tensor x, Tensor saved, Tensor w_b, Tensor w_v,'
+    ' Tensor? W, Tensor ln_w, Tensor? ln_b, int key, ScalarType c_dtype)'
+    ' -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)'])
+STREAMS = OPS.registry  # key -> the State of the stream's latest forward pass
+impl, fake = OPS.impl, OPS.fake
 
 
 @impl('start')
@@ -233,16 +216,11 @@ def _write_backward(ctx, g_xn, g_saved, g_token):
     return g_token, dout, dc, dx, dw_b, db_b, dw_v, db_v, (dW if ctx.has_W else None), None, None, None
 
 
-if FIRST:
-    torch.library.register_autograd('fastddl::start', _start_backward, setup_context=_start_setup)
-    torch.library.register_autograd('fastddl::write', _write_backward, setup_context=_write_setup)
+OPS.autograd('start', _start_backward, _start_setup)
+OPS.autograd('write', _write_backward, _write_setup)
 
 # ----------------------------------------------------------------------------------------------------------
 # The two computations, each in torch (the definition) and in Triton (one pass over memory)
-
-def use_triton(t):
-    return triton is not None and (t.is_cuda or os.environ.get('TRITON_INTERPRET') == '1')
-
 
 def write_forward(st, out, c, x, w_b, b_b, w_v, b_v, W):
     """The delta-rule write for M tokens: out, c, x (M, d); the state is st.X (M, dv, d), updated in place,

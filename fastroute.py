@@ -152,34 +152,47 @@ class Router:
 # so the compiled backward keeps the same order. One op per sublayer, kept lean: a plain Library kernel
 # (the least dispatch overhead) and no work on the token but a 0-dim allocation.
 
-# Registered once per process. A second import of this file (a tool that reloads the project's modules, as
-# exercises.py's grader does) finds the ops there, and shares their registry of plans.
-FIRST = not hasattr(torch.ops.fastroute, 'plans')
-if FIRST:
-    torch.ops.fastroute.plans = {}
-    LIB = torch.ops.fastroute.lib = torch.library.Library('fastroute', 'DEF')  # kept alive with the ops
-PLANS = torch.ops.fastroute.plans
-DEFS = ['start(Tensor e, Tensor W, int key, ScalarType dtype) -> Tensor',
-        'start_backward(Tensor g_token, Tensor W, int key, SymInt[] shape, ScalarType e_dtype) -> (Tensor, Tensor)',
-        'read(Tensor token, Tensor? v, Tensor W, Tensor? base, Tensor? gamma, Tensor slots, int key, int slot,'
-        ' int r, SymInt[] shape, ScalarType dtype) -> (Tensor, Tensor, Tensor)',
-        'read_backward(Tensor g_token, Tensor g_h, Tensor mix, Tensor? gamma, Tensor W, int key, int slot, int r,'
-        ' SymInt[] shape, ScalarType v_dtype) -> (Tensor, Tensor, Tensor)']
-if FIRST:
-    for schema in DEFS:
-        LIB.define(schema)
+class Ops:
+    """A torch.library namespace of ops, defined once per process. A second import of the file that defines
+    them (a tool that reloads the project's modules, as exercises.py's grader does) finds them there, and
+    shares their registry (the per-stream state the ops find by an int key). fastddl.py uses it too."""
+
+    def __init__(self, ns, schemas):
+        ops = getattr(torch.ops, ns)
+        self.first = not hasattr(ops, 'registry')
+        if self.first:
+            ops.registry = {}
+            ops.lib = torch.library.Library(ns, 'DEF')  # kept alive with the ops
+            for schema in schemas:
+                ops.lib.define(schema)
+        self.ns, self.lib, self.registry = ns, ops.lib, ops.registry
+
+    def impl(self, name):
+        """Decorator: the op's kernel, for every device (its autograd is registered by `autograd`)."""
+        def register(fn):
+            if self.first:
+                self.lib.impl(name, fn, 'CompositeExplicitAutograd')
+            return fn
+        return register
+
+    def fake(self, name):
+        """Decorator: the op's output shapes, for the compiler."""
+        return torch.library.register_fake(f'{self.ns}::{name}') if self.first else (lambda fn: fn)
+
+    def autograd(self, name, backward, setup):
+        if self.first:
+            torch.library.register_autograd(f'{self.ns}::{name}', backward, setup_context=setup)
 
 
-def impl(name):
-    def register(fn):
-        if FIRST:
-            LIB.impl(name, fn, 'CompositeExplicitAutograd')  # every device; autograd is registered below
-        return fn
-    return register
-
-
-def fake(name):
-    return torch.library.register_fake(f'fastroute::{name}') if FIRST else (lambda fn: fn)
+OPS = Ops('fastroute', [
+    'start(Tensor e, Tensor W, int key, ScalarType dtype) -> Tensor',
+    'start_backward(Tensor g_token, Tensor W, int key, SymInt[] shape, ScalarType e_dtype) -> (Tensor, Tensor)',
+    'read(Tensor token, Tensor? v, Tensor W, Tensor? base, Tensor? gamma, Tensor slots, int key, int slot,'
+    ' int r, SymInt[] shape, ScalarType dtype) -> (Tensor, Tensor, Tensor)',
+    'read_backward(Tensor g_token, Tensor g_h, Tensor mix, Tensor? gamma, Tensor W, int key, int slot, int r,'
+    ' SymInt[] shape, ScalarType v_dtype) -> (Tensor, Tensor, Tensor)'])
+PLANS = OPS.registry
+impl, fake = OPS.impl, OPS.fake
 
 
 @impl('start')
@@ -289,9 +302,8 @@ def _read_backward(ctx, g_h, g_mix, g_token):
     return g_token, dv, None, (g_h if ctx.has_base else None), dgamma, None, None, None, None, None, None
 
 
-if FIRST:
-    torch.library.register_autograd('fastroute::start', _start_backward, setup_context=_start_setup)
-    torch.library.register_autograd('fastroute::read', _read_backward, setup_context=_read_setup)
+OPS.autograd('start', _start_backward, _start_setup)
+OPS.autograd('read', _read_backward, _read_setup)
 
 # ----------------------------------------------------------------------------------------------------------
 # The three computations, each in torch (the definition) and in Triton (one pass over memory)

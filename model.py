@@ -98,8 +98,8 @@ class GPTConfig:
     res_block: int = 0       # attnres/delta: 0 routes over every sublayer output, S > 0 over sums of S sublayers
     ddl_dv: int = 1          # ddl: value channels of the state; 1 = a vector stream, >1 = a d x dv matrix
     delta_gate: bool = False  # delta: scale the routed term by a learnable scalar that starts at 0
-    route_impl: str = 'auto'  # attnres/delta: 'plain' (Routed below), 'fused' (fastroute.py), 'auto' (fused on CUDA
-                              # for res_block=0, where it measured faster; see fastroute.FusedRouted.fused)
+    route_impl: str = 'auto'  # attnres/delta/ddl: 'plain' (the code below), 'fused' (fastroute.py, fastddl.py), 'auto'
+                              # (fused on CUDA where it measured faster: see FusedRouted.fused, FusedDeepDelta.fused)
 
     def __post_init__(self):
         checks = [

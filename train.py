@@ -64,7 +64,7 @@ class Config:
     res_block: int = 0             # attnres/delta: 0 routes over every sublayer, S > 0 over blocks of S sublayers
     ddl_dv: int = 1                # ddl: value channels of the state (1 = a vector stream)
     delta_gate: bool = False       # delta: the routed term is scaled by a learned gate that starts at 0
-    route_impl: str = 'auto'       # attnres/delta: 'plain' (model.py), 'fused' (fastroute.py), 'auto' (fused where faster)
+    route_impl: str = 'auto'       # attnres/delta/ddl: 'plain' (model.py), 'fused' (fastroute/fastddl.py), 'auto' (where faster)
     # batch: tokens per step = batch_size * block_size * grad accumulation * world size
     total_batch_size: int = 524_288  # 2**19 tokens per optimizer step, GPT-2 124M's batch in llm.c
     batch_size: int = 16           # micro-batch per rank, in sequences; lower it if memory runs out

@@ -51,6 +51,7 @@ def test_make_cuts_out_exactly_the_exercise(tmp_path, ex):
     exercises.make(ex, str(out))
     assert not (out / 'tests').exists() and (out / exercises.files_of(ex)[0]).is_file()
     assert (out / 'fastroute.py').read_text() == exercises.FASTROUTE_STAND_IN  # not the fused routing math
+    assert (out / 'fastddl.py').read_text() == exercises.FASTDDL_STAND_IN  # nor the fused delta rule
     student = (out / 'model.py').read_text()
     before, after = functions(SOLUTION), functions(student)
     cut = {q for q in before if q in ex.targets or q.split('.')[0] in ex.targets}
