@@ -157,6 +157,28 @@ def test_config_files_of_the_repo():
     assert all(conv[k] == cfgs['gpt2_124m'][k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'))
     assert cfgs['cpu_quickstart']['device'] == 'cpu'
 
+def test_finetune_configs_of_the_repo():
+    # the conversion experiment: every arm is configs/finetune.py plus its variant; the fine-tuned arms start from
+    # the pretrained model and match its backbone; the control differs from arm (b) in its start and learning rate
+    import compare
+    cfg = lambda *names: asdict(train.parse_config([os.path.join(ROOT, 'configs', f'{n}.py') for n in names]))
+    pretrain, shared = cfg('finetune_pretrain'), cfg('finetune')
+    assert pretrain['residual'] == 'standard' and shared['init_from'] == pretrain['out_dir']
+    assert all(shared[k] == pretrain[k] for k in train.BACKBONE_KEYS + ['data_dir', 'total_batch_size'])
+    arms = {name: cfg('finetune', f'finetune_{name}') for name in compare.FINETUNE_RUNS}
+    for name, c in arms.items():
+        assert {k for k in c if c[k] != shared[k]} <= VARIANT_FIELDS | {'out_dir'} or name == 'delta_block_scratch'
+    b, f = arms['delta_block'], arms['delta_block_scratch']
+    assert {k for k in f if f[k] != b[k]} == {'out_dir', 'init_from', 'learning_rate', 'min_lr', 'routing_lr_mult'}
+    assert f['init_from'] == 'scratch' and f['learning_rate'] == pretrain['learning_rate']
+    assert b['delta_gate'] and arms['delta']['delta_gate'] and (b['res_block'], arms['delta']['res_block']) == (6, 0)
+    assert (arms['attnres_block']['residual'], arms['attnres_block']['res_block']) == ('attnres', 6)
+    # from GPT-2: configs/finetune_gpt2.py gives every arm GPT-2's backbone; the control still starts from scratch
+    gpt2 = {name: cfg('finetune', 'finetune_gpt2', f'finetune_{name}') for name in compare.FINETUNE_RUNS}
+    assert [c['init_from'] for c in gpt2.values()] == ['gpt2'] * 5 + ['scratch']
+    assert all((c['vocab_size'], c['block_size'], c['bias'], c['gelu_approx']) == (50257, 1024, True, 'tanh')
+               for c in gpt2.values())
+
 # -----------------------------------------------------------------------------
 # schedule and data
 
