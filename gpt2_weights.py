@@ -24,7 +24,7 @@ WEIGHTS = ('model.safetensors', 'pytorch_model.bin')      # each as one file, or
 # Hugging Face's Conv1D keeps a linear layer's weight as (in, out); nn.Linear's is (out, in)
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 # GPT2Config.activation_function -> F.gelu's `approximate`. GPT-2 was trained with the tanh approximation
-# ('gelu_new'); model.py's default is the exact GELU, which would move the logits by about 1e-3
+# ('gelu_new'); model.py's default is the exact GELU, with which GPT-2's logits come out a little different
 GELU = {'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh', 'gelu': 'none'}
 # GPT2Config's defaults, which stand for the keys that a config.json leaves out (transformers reads it so too)
 HF_DEFAULTS = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257, n_inner=None,
