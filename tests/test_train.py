@@ -507,6 +507,20 @@ def test_convert_standard_checkpoint_into_a_variant(tmp_path, data_dir, standard
         assert first['val_loss'] == src['val_loss']
 
 
+def test_a_checkpoint_from_before_gelu_approx_converts_and_resumes(tmp_path, data_dir, standard_ckpt, capsys):
+    # checkpoints written before GPTConfig.gelu_approx existed lack the field: they had the exact GELU, the default
+    ckpt = load(standard_ckpt)
+    del ckpt['model_args']['gelu_approx'], ckpt['config']['gelu_approx']
+    old = tmp_path / 'old'
+    old.mkdir()
+    torch.save(ckpt, old / 'ckpt.pt')
+    run(data_dir, tmp_path / 'delta', f'--init_from={old}', '--max_iters=1', '--residual=delta', '--delta_gate=True')
+    assert records(tmp_path / 'delta')[0]['val_loss'] == ckpt['val_loss']
+    run(data_dir, old, '--init_from=resume', '--max_iters=12')
+    assert load(old)['step'] == 12 and load(old)['model_args']['gelu_approx'] == 'none'
+    assert 'init_from=' + str(old) + ': a checkpoint of train.py (residual=standard, step 8' in capsys.readouterr().out
+
+
 @pytest.mark.parametrize('field', ['--n_embd=64', '--n_head=4', '--n_layer=3'])
 def test_convert_refuses_another_backbone(tmp_path, data_dir, standard_ckpt, field):
     with pytest.raises(SystemExit) as e:
