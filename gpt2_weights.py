@@ -90,6 +90,7 @@ def download(name):
 
 
 def read_json(path):
+    """A JSON file as a dict; a missing or broken one is a ConfigError that names it."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -144,8 +145,10 @@ def model_names(sd, where):
     out = {}
     for k, v in sd.items():
         k = k.removeprefix('transformer.')  # GPT2LMHeadModel's keys have it; GPT2Model's (the hub's gpt2 files) not
-        if k.endswith(('.attn.bias', '.attn.masked_bias')) or k == 'lm_head.weight':
-            continue  # the causal mask, a buffer older transformers saved (our attention is causal by itself); the head
+        if k.endswith(('.attn.bias', '.attn.masked_bias')):
+            continue  # the causal mask, a buffer that older transformers saved; our attention is causal by itself
+        if k == 'lm_head.weight':
+            continue  # the output layer: the token embedding, as checked below
         out['transformer.' + k] = v.t() if k.endswith(CONV1D) else v  # (in, out) -> (out, in)
     wte, head = out.get('transformer.wte.weight'), sd.get('lm_head.weight')
     if head is not None and wte is not None and not torch.equal(head, wte):

@@ -7,7 +7,7 @@ Runs on a CPU, one GPU, or several GPUs with DDP; resumes exactly; logs what it 
   python train.py configs/gpt2_124m.py --batch_size=8 --compile=False        # with overrides
   torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py configs/gpt2_124m_ddp.py # 8 GPUs of one node
   python train.py --out_dir=out-gpt2-124m --init_from=resume                 # go on where it stopped
-  python train.py configs/gpt2_124m.py --init_from=gpt2 --residual=delta --delta_gate=True   # from OpenAI's GPT-2
+  python train.py configs/convert_delta.py --init_from=gpt2 --out_dir=out-gpt2-delta  # OpenAI's GPT-2 into Delta
 
 Configuration: the defaults in `Config` below, then each config file (plain `name = value` lines, read with
 ast, never executed) and `--key=value` override, in the order given; the later one wins. `--help` lists them.
