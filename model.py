@@ -65,9 +65,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.gelu_approx = config.gelu_approx
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approx)))
 
 
 class Block(nn.Module):
@@ -94,6 +95,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = False       # biases in Linears and LayerNorms; False is a little better and faster
+    gelu_approx: str = 'none'  # the MLP's GELU: 'none' exact (nanoGPT), 'tanh' GPT-2's own (for its weights)
     residual: str = 'standard'  # one of RESIDUALS
     res_block: int = 0       # attnres/delta: 0 routes over every sublayer output, S > 0 over sums of S sublayers
     ddl_dv: int = 1          # ddl: value channels of the state; 1 = a vector stream, >1 = a d x dv matrix
@@ -107,6 +109,7 @@ class GPTConfig:
             ('res_block', self.res_block >= 0, 'an int >= 0 (0 = per sublayer, S > 0 = blocks of S sublayers)'),
             ('ddl_dv', self.ddl_dv >= 1, 'an int >= 1'),
             ('route_impl', self.route_impl in ('auto', 'plain', 'fused'), "'auto', 'plain' or 'fused'"),
+            ('gelu_approx', self.gelu_approx in ('none', 'tanh'), "'none' (exact) or 'tanh'"),
             ('n_embd', self.n_head > 0 and self.n_embd % self.n_head == 0, f'divisible by n_head={self.n_head}'),
             ('dropout', 0.0 <= self.dropout < 1.0, 'in [0, 1)'),
         ] + [(k, getattr(self, k) > 0, 'an int > 0') for k in ('block_size', 'vocab_size', 'n_layer', 'n_head')]

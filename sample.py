@@ -4,6 +4,7 @@ Sample from a trained model, and show how a routed variant mixes its residual st
   python sample.py --out_dir=out --start="Once upon a time" --num_samples=3 --max_new_tokens=200
   python sample.py --out_dir=out --start=FILE:prompt.txt --temperature=0.7 --top_k=50 --seed=42
   python sample.py --ckpt=runs/delta/ckpt.pt --num_samples=0 --routing_png=routing.png   # only the routing
+  python sample.py --init_from=gpt2 --start="The meaning of life is"    # OpenAI's GPT-2 (or gpt2-medium, a folder)
 
 For 'attnres' and 'delta' models the routing weights of the prompt are printed as a heatmap: one row per
 routed read (the sublayer it feeds, or 'final'), one column per source it can attend to (the embedding, earlier
@@ -18,12 +19,14 @@ import tiktoken
 import torch
 
 import cli
+import gpt2_weights
 from model import GPT, GPTConfig, routing_stats
 from train import ConfigError, load_checkpoint
 
 DEFAULTS = dict(
     out_dir='out',        # the run to sample from: <out_dir>/ckpt.pt as written by train.py
     ckpt='',              # a checkpoint path, overriding out_dir
+    init_from='',         # GPT-2 instead of a checkpoint: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face folder
     start='\n',           # the prompt: text (may be '<|endoftext|>'), or FILE:path to read it from a file
     num_samples=3,        # samples drawn, each max_new_tokens long (0: only the routing heatmap)
     max_new_tokens=200,
@@ -53,6 +56,17 @@ def load_model(path, device):
         why = ' '.join(str(e).split())[:800]  # torch's messages span lines and can list hundreds of keys
         raise SystemExit(f'cannot load checkpoint {path}: {type(e).__name__}: {why}') from None
     return model.to(device).eval(), ckpt
+
+
+def load_gpt2(init_from, device):
+    """OpenAI's GPT-2 (standard residual stream) from a model name or a Hugging Face folder, in eval mode."""
+    try:
+        args, sd, found = gpt2_weights.load(init_from)
+        model = GPT(GPTConfig(**args))
+        model.load_backbone(sd)  # every weight, checked by name and shape; a standard model has nothing else
+    except (ConfigError, ValueError) as e:  # ValueError: load_backbone names the weights that do not fit
+        raise SystemExit(f'error: cannot load {init_from}: {e}') from None
+    return model.to(device).eval(), found
 
 
 def decode(enc, ids):
@@ -108,11 +122,16 @@ def main(argv=None):
         raise SystemExit(f'expected --temperature > 0 and --top_k >= 0, got {c.temperature} and {c.top_k}')
     if c.dtype not in ('float32', 'bfloat16', 'float16'):
         raise SystemExit(f"--dtype={c.dtype!r}: expected 'float32', 'bfloat16' or 'float16'")
-    path = c.ckpt or os.path.join(c.out_dir, 'ckpt.pt')
-    model, ckpt = load_model(path, c.device)
-    mc, vl = model.config, ckpt.get('val_loss')
-    print(f'{path}: {mc.residual}, {model.get_num_params() / 1e6:.2f}M parameters, step {ckpt.get("step")}'
-          + (f', val loss {vl:.4f}' if isinstance(vl, float) else ''))
+    if c.init_from:
+        model, found = load_gpt2(c.init_from, c.device)
+        mc = model.config
+        print(f'{c.init_from}: {found}, {model.get_num_params() / 1e6:.2f}M parameters')
+    else:
+        path = c.ckpt or os.path.join(c.out_dir, 'ckpt.pt')
+        model, ckpt = load_model(path, c.device)
+        mc, vl = model.config, ckpt.get('val_loss')
+        print(f'{path}: {mc.residual}, {model.get_num_params() / 1e6:.2f}M parameters, step {ckpt.get("step")}'
+              + (f', val loss {vl:.4f}' if isinstance(vl, float) else ''))
     try:
         enc = tiktoken.get_encoding('r50k_base')  # GPT-2's BPE, the ids the training data was written with
     except Exception as e:

@@ -7,6 +7,7 @@ Runs on a CPU, one GPU, or several GPUs with DDP; resumes exactly; logs what it 
   python train.py configs/gpt2_124m.py --batch_size=8 --compile=False        # with overrides
   torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py configs/gpt2_124m_ddp.py # 8 GPUs of one node
   python train.py --out_dir=out-gpt2-124m --init_from=resume                 # go on where it stopped
+  python train.py configs/convert_delta.py --init_from=gpt2 --out_dir=out-gpt2-delta  # OpenAI's GPT-2 into Delta
 
 Configuration: the defaults in `Config` below, then each config file (plain `name = value` lines, read with
 ast, never executed) and `--key=value` override, in the order given; the later one wins. `--help` lists them.
@@ -25,7 +26,7 @@ import sys
 import textwrap
 import time
 from contextlib import nullcontext, suppress
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from importlib.util import find_spec
 
 import numpy as np
@@ -35,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import cli
+import gpt2_weights
 from cli import ConfigError
 from model import GPT, GPTConfig, peak_flops, routing_stats
 from prepare import ShardError, list_shards, load_shard
@@ -47,7 +49,8 @@ class Config:
     # I/O
     out_dir: str = 'out'
     data_dir: str = 'data/fineweb10B'  # *_train_*.bin and *_val_*.bin shards from prepare.py
-    init_from: str = 'scratch'     # 'scratch', 'resume' (from out_dir), or another run's ckpt.pt or out_dir
+    init_from: str = 'scratch'     # 'scratch', 'resume' (from out_dir), another run's ckpt.pt or out_dir, or GPT-2:
+                                   # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a Hugging Face folder of it
     eval_interval: int = 250       # evaluate, then write the checkpoint, every this many steps
     eval_iters: int = 0            # cap on val batches per rank, for a quick look; 0 = the whole val set
     val_tokens: int = 10_485_760   # val set = the first tokens of the val shard (as the speedrun); fewer if short
@@ -60,6 +63,7 @@ class Config:
     vocab_size: int = 50304        # GPT-2's 50257 padded up to a multiple of 64
     dropout: float = 0.0
     bias: bool = False
+    gelu_approx: str = 'none'      # 'none' = exact GELU; 'tanh' = GPT-2's approximation (set by init_from=gpt2)
     residual: str = 'standard'     # 'standard', 'ddl', 'attnres' or 'delta'
     res_block: int = 0             # attnres/delta: 0 routes over every sublayer, S > 0 over blocks of S sublayers
     ddl_dv: int = 1                # ddl: value channels of the state (1 = a vector stream)
@@ -88,7 +92,8 @@ class Config:
 
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]  # the keys of Config that build the model
-BACKBONE_KEYS = ['n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'bias']  # shared by all variants
+# the fields of the backbone, which every variant shares and a conversion keeps
+BACKBONE_KEYS = ['n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'bias', 'gelu_approx']
 DEFAULTS = asdict(Config())  # every key and its default, whose type a value given for the key must have
 
 
@@ -374,6 +379,38 @@ def load_checkpoint(path):
     return ckpt
 
 
+def init_kind(init_from):
+    """What init_from names, from the files alone: 'scratch', 'resume', 'checkpoint' (a checkpoint of train.py,
+    or a run's out_dir holding one) or 'gpt2' (one of gpt2_weights.NAMES, or a Hugging Face folder of GPT-2).
+    Anything else is a ConfigError that says what was expected."""
+    if init_from in ('scratch', 'resume'):
+        return init_from
+    if init_from in gpt2_weights.NAMES:
+        return 'gpt2'
+    if os.path.isfile(init_from) or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
+        return 'checkpoint'  # a run's out_dir wins, should a folder hold both kinds
+    if gpt2_weights.is_hf_folder(init_from):
+        return 'gpt2'
+    if os.path.isdir(init_from):
+        raise ConfigError(f'init_from={init_from}: the folder holds neither a checkpoint of train.py (ckpt.pt) nor '
+                          f'GPT-2 weights ({gpt2_weights.EXPECTED})')
+    raise ConfigError(f"init_from={init_from}: no such file or folder; expected 'scratch', 'resume', a checkpoint of "
+                      f"train.py or a run's out_dir, {', '.join(gpt2_weights.NAMES)}, or a Hugging Face GPT-2 folder")
+
+
+def load_source(init_from):
+    """The weights that init_from names (neither 'scratch' nor 'resume'), as a dict like a checkpoint's: 'model'
+    (a state_dict), 'model_args', 'data' (the train position to go on from: None for GPT-2, whose training data
+    is not ours), 'kind' (of init_kind) and 'found' (what it is, in words, for the start-up line)."""
+    kind = init_kind(init_from)
+    if kind == 'checkpoint':
+        src = load_checkpoint(init_from)
+        return {**src, 'kind': kind, 'found': f'a checkpoint of train.py (residual={src["model_args"]["residual"]}, '
+                                              f'step {src["step"]}, val loss {src["val_loss"]})'}
+    args, sd, found = gpt2_weights.load(init_from)
+    return {'model': sd, 'model_args': args, 'data': None, 'kind': kind, 'found': found}
+
+
 def log_step(line):
     """The step of a line of log.jsonl (-1 for a config line); inf for a line cut short by a crash."""
     try:
@@ -447,6 +484,15 @@ def train(argv, ddp):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; DDP copies rank 0's initial weights to all
 
+    # the weights to start from, unless resumed: another run's checkpoint (its backbone, of any variant) or GPT-2
+    src = None if ckpt or cfg.init_from == 'scratch' else load_source(cfg.init_from)
+    if src and src['kind'] == 'gpt2':  # GPT-2's weights fix its backbone's fields, whatever the config said
+        fixed = ', '.join(f'{k}={v!r}' for k, v in src['model_args'].items())
+        changed = ', '.join(f'{k} {getattr(cfg, k)!r}' for k, v in src['model_args'].items() if getattr(cfg, k) != v)
+        cfg = replace(cfg, **src['model_args'])
+        say(f'init_from={cfg.init_from} sets the backbone: {fixed}'
+            + (f' (the config had {changed})' if changed else ''))
+
     # batch: the total is fixed in tokens, and grad accumulation makes up what the ranks don't
     micro = cfg.batch_size * cfg.block_size * world  # e.g. 32 * 1,024 * 8 GPUs = 262,144 tokens
     if cfg.total_batch_size % micro:
@@ -463,25 +509,29 @@ def train(argv, ddp):
     if n_val == 0:
         raise ConfigError(f'{val_path} has {len(val)} tokens; the val set needs block_size + 1 = {cfg.block_size + 1}')
 
-    # model: from scratch, resumed, or the backbone of another run's checkpoint (of any variant)
+    # model: from scratch, resumed, or the backbone of another run's checkpoint (of any variant) or of GPT-2
     model = GPT(GPTConfig(**model_args(cfg)))
-    src = ckpt or (load_checkpoint(cfg.init_from) if cfg.init_from != 'scratch' else None)
-    if src:
+    loaded = ckpt or src
+    if loaded:
         # a resumed model must match in every field but dropout; a converted one in its backbone, where the
-        # number of heads and the block size would not show in every weight's shape
+        # number of heads and the block size would not show in every weight's shape. A field that an older
+        # checkpoint lacks had its default value
         keys = [k for k in MODEL_KEYS if k != 'dropout'] if ckpt else BACKBONE_KEYS
-        diff = '; '.join(f'{k}: checkpoint {src["model_args"].get(k)!r}, config {getattr(cfg, k)!r}'
-                         for k in keys if src['model_args'].get(k) != getattr(cfg, k))
+        theirs = {k: loaded['model_args'].get(k, DEFAULTS[k]) for k in keys}
+        diff = '; '.join(f'{k}: checkpoint {theirs[k]!r}, config {getattr(cfg, k)!r}'
+                         for k in keys if theirs[k] != getattr(cfg, k))
         try:
             if diff:
                 raise ValueError(diff)
-            left = model.load_state_dict(src['model']) if ckpt else model.load_backbone(src['model'])
+            left = model.load_state_dict(loaded['model']) if ckpt else model.load_backbone(loaded['model'])
         except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's missing or unexpected keys
             raise ConfigError(f'cannot load {ckpt_path if ckpt else cfg.init_from} into this model: {e}') from None
-    if src and not ckpt:  # a conversion: the data goes on with the train tokens that the source has not seen
-        loader.load_state(src['data'])
-        say(f'loaded the backbone of {cfg.init_from} (residual={src["model_args"]["residual"]}, step {src["step"]}, '
-            f'val loss {src["val_loss"]}); at init: {", ".join(left) or "nothing"}')
+    if src:  # a conversion goes on with the train tokens that its source has not seen; GPT-2 starts at the first
+        if src['data']:
+            loader.load_state(src['data'])
+        data = f'shard {loader.shard}, token {loader.pos:,}' if src['data'] else 'the start of the train shards'
+        say(f'init_from={cfg.init_from}: {src["found"]}; backbone loaded; at init: {", ".join(left) or "nothing"}; '
+            f'train data from {data}')
     model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            device_type, cfg.routing_lr_mult)
@@ -499,7 +549,7 @@ def train(argv, ddp):
         else:
             say(f'note: {len(ckpt["rng"])} RNG states for {world} ranks: dropout masks differ from an unbroken run')
     resumed_at = saved_at = step if ckpt else None
-    del ckpt, src  # free the CPU copies of the weights
+    del ckpt, src, loaded  # free the CPU copies of the weights
 
     # compile and wrap. raw_model stays the plain module: its state_dict has no '_orig_mod.' or 'module.'
     raw_model, compiled = model, 'off'

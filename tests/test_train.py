@@ -157,6 +157,28 @@ def test_config_files_of_the_repo():
     assert all(conv[k] == cfgs['gpt2_124m'][k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'))
     assert cfgs['cpu_quickstart']['device'] == 'cpu'
 
+def test_finetune_configs_of_the_repo():
+    # the conversion experiment: every arm is configs/finetune.py plus its variant; the fine-tuned arms start from
+    # the pretrained model and match its backbone; the control differs from arm (b) in its start and learning rate
+    import compare
+    cfg = lambda *names: asdict(train.parse_config([os.path.join(ROOT, 'configs', f'{n}.py') for n in names]))
+    pretrain, shared = cfg('finetune_pretrain'), cfg('finetune')
+    assert pretrain['residual'] == 'standard' and shared['init_from'] == pretrain['out_dir']
+    assert all(shared[k] == pretrain[k] for k in train.BACKBONE_KEYS + ['data_dir', 'total_batch_size'])
+    arms = {name: cfg('finetune', f'finetune_{name}') for name in compare.FINETUNE_RUNS}
+    for name, c in arms.items():
+        assert {k for k in c if c[k] != shared[k]} <= VARIANT_FIELDS | {'out_dir'} or name == 'delta_block_scratch'
+    b, f = arms['delta_block'], arms['delta_block_scratch']
+    assert {k for k in f if f[k] != b[k]} == {'out_dir', 'init_from', 'learning_rate', 'min_lr', 'routing_lr_mult'}
+    assert f['init_from'] == 'scratch' and f['learning_rate'] == pretrain['learning_rate']
+    assert b['delta_gate'] and arms['delta']['delta_gate'] and (b['res_block'], arms['delta']['res_block']) == (6, 0)
+    assert (arms['attnres_block']['residual'], arms['attnres_block']['res_block']) == ('attnres', 6)
+    # from GPT-2: configs/finetune_gpt2.py gives every arm GPT-2's backbone; the control still starts from scratch
+    gpt2 = {name: cfg('finetune', 'finetune_gpt2', f'finetune_{name}') for name in compare.FINETUNE_RUNS}
+    assert [c['init_from'] for c in gpt2.values()] == ['gpt2'] * 5 + ['scratch']
+    assert all((c['vocab_size'], c['block_size'], c['bias'], c['gelu_approx']) == (50257, 1024, True, 'tanh')
+               for c in gpt2.values())
+
 # -----------------------------------------------------------------------------
 # schedule and data
 
@@ -483,6 +505,20 @@ def test_convert_standard_checkpoint_into_a_variant(tmp_path, data_dir, standard
     assert first['step'] == 0
     if '--delta_gate=True' in variant:  # the gate starts at 0: exactly the standard model's function (fp32, CPU)
         assert first['val_loss'] == src['val_loss']
+
+
+def test_a_checkpoint_from_before_gelu_approx_converts_and_resumes(tmp_path, data_dir, standard_ckpt, capsys):
+    # checkpoints written before GPTConfig.gelu_approx existed lack the field: they had the exact GELU, the default
+    ckpt = load(standard_ckpt)
+    del ckpt['model_args']['gelu_approx'], ckpt['config']['gelu_approx']
+    old = tmp_path / 'old'
+    old.mkdir()
+    torch.save(ckpt, old / 'ckpt.pt')
+    run(data_dir, tmp_path / 'delta', f'--init_from={old}', '--max_iters=1', '--residual=delta', '--delta_gate=True')
+    assert records(tmp_path / 'delta')[0]['val_loss'] == ckpt['val_loss']
+    run(data_dir, old, '--init_from=resume', '--max_iters=12')
+    assert load(old)['step'] == 12 and load(old)['model_args']['gelu_approx'] == 'none'
+    assert 'init_from=' + str(old) + ': a checkpoint of train.py (residual=standard, step 8' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('field', ['--n_embd=64', '--n_head=4', '--n_layer=3'])
