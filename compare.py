@@ -49,7 +49,7 @@ defaults = dict(
     seeds=1,                        # seeds per run ...
     extra_seeds='auto',             # ... and these runs get a second seed; 'auto' = the family's
     extra_configs='',               # config files for every run, read after configs/<family>.py, before its own
-    gpus='',                        # e.g. '0,1,2,3': one run per GPU at a time; '' = one run at a time
+    gpus='',                        # e.g. '0,1,2,3': one run per GPU at a time ('0,0': two on GPU 0); '' = one
     report_only=False,
     routing_tokens=16,              # sequences of val tokens over which the routing weights are averaged
 )
@@ -96,10 +96,10 @@ def launch(cfg, passthrough):
             train.init_kind(train.parse_config(train_args(cfg, name, seed, passthrough)).init_from)
         except ConfigError as e:
             raise SystemExit(f'error: run {name} (seed {seed}): {e}') from None
-    running = {}  # gpu -> (process, run)
+    running = {}  # slot -> (process, run); a GPU listed twice runs two at a time
     while todo or running:
-        for gpu in gpus:
-            if gpu not in running and todo:
+        for slot, gpu in enumerate(gpus):
+            if slot not in running and todo:
                 name, seed = todo.pop(0)
                 d = run_dir(cfg, name, seed)
                 os.makedirs(d, exist_ok=True)
@@ -108,11 +108,11 @@ def launch(cfg, passthrough):
                 env = dict(os.environ, **({'CUDA_VISIBLE_DEVICES': gpu} if gpu is not None else {}))
                 print(f'[gpu {gpu}] {" ".join(cmd)}', flush=True)
                 with open(os.path.join(d, 'stdout.txt'), 'w') as out:
-                    running[gpu] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), (name, seed)
-        for gpu, (proc, run) in list(running.items()):
+                    running[slot] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), (name, seed)
+        for slot, (proc, run) in list(running.items()):
             if proc.poll() is not None:
-                del running[gpu]
-                print(f'[gpu {gpu}] {run[0]} seed {run[1]}: exit {proc.returncode}', flush=True)
+                del running[slot]
+                print(f'[gpu {gpus[slot]}] {run[0]} seed {run[1]}: exit {proc.returncode}', flush=True)
                 if proc.returncode != 0:
                     print(open(os.path.join(run_dir(cfg, *run), 'stdout.txt')).read()[-2000:])
         time.sleep(1)  # poll: runs take minutes, a second of latency costs nothing
