@@ -29,13 +29,11 @@ torch.library, so torch.compile keeps each as one call in the model's graph and 
 Kernels: Triton on CUDA (and on CPU under TRITON_INTERPRET=1, for tests); elsewhere the same math in torch.
 """
 
-import weakref
-
 import torch
 from torch.nn import functional as F
 
 from fastroute import Ops, use_triton
-from model import DeepDelta, wide
+from model import DeepDelta, LayerNorm, wide
 
 try:
     import triton
@@ -43,7 +41,7 @@ try:
 except ImportError:  # CPU-only installs: the torch versions below do the same arithmetic
     triton = None
 
-LN_EPS = 1e-5  # model.LayerNorm's epsilon, for recomputing c
+LN_EPS = LayerNorm.eps  # for recomputing c
 EPS_K = DeepDelta.eps_k
 
 
@@ -58,9 +56,7 @@ class FusedDeepDelta(DeepDelta):
         # to the transformer blocks, so they are not registered (nor saved) a second time here
         self.norms = norms
         # the ops find this stream's state buffers by this key (ints pass through the compiler)
-        self.key = len(STREAMS) and max(STREAMS) + 1
-        STREAMS[self.key] = None
-        weakref.finalize(self, STREAMS.pop, self.key, None)
+        self.key = OPS.register(self, None)
 
     def fused(self, e):
         # 'auto': on CUDA for dv > 1. Measured on an H100 at GPT-2 124M, the fused dv = 4 step is 1.47x the
@@ -203,7 +199,7 @@ def _start_backward(ctx, g_x, g_token):
 
 def _write_setup(ctx, inputs, output):
     token, out, c, x, w_b, b_b, w_v, b_v, W, ln_w, ln_b, key = inputs
-    ctx.key, ctx.c_dtype, ctx.has_W = key, c.dtype, W is not None
+    ctx.key, ctx.c_dtype = key, c.dtype
     # out (for k) and x_in (the LayerNorm keeps it too); not X and not c, which the backward rebuilds
     ctx.save_for_backward(out, x, output[1], w_b, w_v, W, ln_w, ln_b)
 
@@ -213,7 +209,7 @@ def _write_backward(ctx, g_xn, g_saved, g_token):
     dout, dc, dx, dw_b, db_b, dw_v, db_v, dW, g_token = torch.ops.fastddl.write_backward(
         g_token, g_xn, out, x, saved, w_b, w_v, W, ln_w, ln_b, ctx.key, ctx.c_dtype)
     # the LayerNorm's parameters were only borrowed to recompute c: their gradients come through dc
-    return g_token, dout, dc, dx, dw_b, db_b, dw_v, db_v, (dW if ctx.has_W else None), None, None, None
+    return g_token, dout, dc, dx, dw_b, db_b, dw_v, db_v, (dW if W is not None else None), None, None, None
 
 
 OPS.autograd('start', _start_backward, _start_setup)
@@ -262,12 +258,12 @@ def write_backward(st, g_xn, out, x, saved, w_b, w_v, W, ln_w, ln_b):
     M, d = out.shape
     dv = w_v.size(0)
     acc = x.dtype
+    if st is not None and st.G is None:  # the last write's backward comes first: nothing flows into X' yet
+        st.G = torch.zeros_like(st.X)
     if use_triton(out):
         per_sm, warps, stages = BWD[min(dv, 2)]
         nprog = min(M, per_sm * sm_count(out.device))
         dout, dc, dx = torch.empty_like(out), x.new_empty((M, d)), x.new_empty((M, d))
-        if st is not None and st.G is None:  # the last write's backward comes first: nothing flows into X'
-            st.G = torch.zeros_like(st.X)
         part = x.new_empty((nprog, 2 * dv * d + d + dv + 1))  # each program's sums over its tokens
         _write_bwd_kernel[(nprog,)](
             st.X if st else x, st.G if st else x, g_xn.contiguous(), out.contiguous(), x, saved, w_b, w_v,
@@ -286,8 +282,6 @@ def write_backward(st, g_xn, out, x, saved, w_b, w_v, W, ln_w, ln_b):
         if st is None:
             X, G = x.unsqueeze(1), g_xn.unsqueeze(1)                                                # (M, 1, d)
         else:
-            if st.G is None:
-                st.G = torch.zeros_like(st.X)
             dW = (st.X * g_xn.unsqueeze(1)).sum(0)                                                  # (dv, d)
             G = st.G + W * g_xn.unsqueeze(1)                                                         # (M, dv, d)
             X = st.X - u.unsqueeze(-1) * k.unsqueeze(1)  # the delta rule backwards: X = X' - k u^T

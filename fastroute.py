@@ -68,9 +68,7 @@ class FusedRouted(Routed):
         self.register_buffer('table', torch.tensor([v + [0] * (n - len(v)) for v in self.visible],
                                                    dtype=torch.int32), persistent=False)
         # the ops find this stream's plan and its latest Router by this key (ints pass through the compiler)
-        self.key = len(PLANS) and max(PLANS) + 1
-        PLANS[self.key] = Plan(self.ranges, self.visible, R)
-        weakref.finalize(self, PLANS.pop, self.key, None)
+        self.key = OPS.register(self, Plan(self.ranges, self.visible, R))
 
     def fused(self, e):
         # 'auto': on CUDA for the per-sublayer forms only. Measured on an H100 at GPT-2 124M, the fused path
@@ -178,6 +176,13 @@ class Ops:
     def fake(self, name):
         """Decorator: the op's output shapes, for the compiler."""
         return torch.library.register_fake(f'{self.ns}::{name}') if self.first else (lambda fn: fn)
+
+    def register(self, owner, value):
+        """A new key under which the ops find value, for as long as owner (a module) lives."""
+        key = len(self.registry) and max(self.registry) + 1
+        self.registry[key] = value
+        weakref.finalize(owner, self.registry.pop, key, None)
+        return key
 
     def autograd(self, name, backward, setup):
         if self.first:

@@ -17,7 +17,7 @@ from importlib.util import find_spec
 import torch
 
 from cli import ConfigError
-from model import GPTConfig
+from model import GPTConfig, LayerNorm
 
 NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # 124M, 350M, 774M and 1558M parameters
 WEIGHTS = ('model.safetensors', 'pytorch_model.bin')      # each as one file, or shards listed in <name>.index.json
@@ -122,7 +122,8 @@ def backbone(config, where):
     checks = [
         ('activation_function', c['activation_function'] in GELU, ' or '.join(map(repr, GELU))),
         ('n_inner', c['n_inner'] in (None, 4 * c['n_embd']), f'None or 4 * n_embd = {4 * c["n_embd"]}'),
-        ('layer_norm_epsilon', c['layer_norm_epsilon'] == 1e-5, "1e-05, model.py's LayerNorm epsilon"),
+        ('layer_norm_epsilon', c['layer_norm_epsilon'] == LayerNorm.eps,
+         f"{LayerNorm.eps}, model.py's LayerNorm epsilon"),
         ('scale_attn_weights', c['scale_attn_weights'] is True, 'True: attention scores scaled by 1/sqrt(head size)'),
         ('scale_attn_by_inverse_layer_idx', c['scale_attn_by_inverse_layer_idx'] is False, 'False'),
         ('tie_word_embeddings', c['tie_word_embeddings'] is True, 'True: the output layer is the token embedding'),

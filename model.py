@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+    eps = 1e-5  # GPT-2's
 
     def __init__(self, ndim, bias):
         super().__init__()
@@ -37,7 +38,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class CausalSelfAttention(nn.Module):

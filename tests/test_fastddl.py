@@ -21,7 +21,8 @@ def pair(dtype=torch.float64, bias=False, **kw):
     plain = GPT(GPTConfig(route_impl='plain', **cfg)).to(dtype)
     with torch.no_grad():
         for n, p in plain.named_parameters():
-            p.add_(0.3 * torch.randn_like(p) if n.startswith('stream.') or 'ln' in n else 0 * p)
+            if n.startswith('stream.') or 'ln' in n:
+                p.add_(0.3 * torch.randn_like(p))
     fused = GPT(GPTConfig(route_impl='fused', **cfg)).to(dtype)
     fused.load_state_dict(plain.state_dict())
     return plain, fused
