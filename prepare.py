@@ -3,17 +3,27 @@ Prepare GPT-2 token shards for train.py, in the llm.c / modded-nanogpt .bin form
 
 Download the pre-tokenized FineWeb 10B sample (100M tokens = 200 MB per shard):
 $ python prepare.py                                  # data/fineweb10B/: val + 1 train shard, 400 MB
-$ python prepare.py --num_train_shards 9             # 900M train tokens
-$ python prepare.py --dataset finewebedu10B          # the FineWeb-Edu sample instead
+$ python prepare.py --max_tokens=1000000             # the first 1M tokens of each: 4 MB, for a quick start
+$ python prepare.py --num_train_shards=9             # 900M train tokens
+$ python prepare.py --dataset=finewebedu10B          # the FineWeb-Edu sample instead
+$ python prepare.py --revision=<commit hash>         # the same bytes on every run (REVISION in prepare.py)
 
 Tokenize your own .txt and .jsonl files with tiktoken's GPT-2 BPE into the same format:
-$ python prepare.py --text notes.txt more.jsonl --name mydata      # -> data/mydata/
+$ python prepare.py --text=notes.txt,more.jsonl --name=mydata      # -> data/mydata/
+
+A .jsonl file holds one document per line, in its 'text' field. A .txt file is split into documents at
+lines that hold only <|endoftext|>; a .txt file without such a line is one document. Every k-th document
+is held out as val (val_fraction of them, at least 1, so at least 2 documents are needed).
+
+Shards go to data/DATASET or data/NAME, or --data_dir; --base_url=URL downloads from a mirror of the hub.
+Each option is explained next to its default in prepare.py; a bad value stops the run before it starts.
 
 A shard is a header of 256 little-endian int32 (magic 20240520, version 1, token count, zeros)
 followed by the tokens as uint16. Every document is preceded by <|endoftext|> (50256).
 *_val_000000.bin holds validation tokens; *_train_000001.bin, *_train_000002.bin, ... training tokens.
+A shard cut short by --max_tokens keeps the whole shard's token count in int32 #3 (0 in a whole shard),
+so that a later run can tell it from a whole one.
 """
-import argparse
 import contextlib
 import errno
 import glob
@@ -31,8 +41,10 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
+import cli
+
 MAGIC, VERSION = 20240520, 1  # llm.c's tag for uint16 GPT-2 tokens (its Llama-3 shards use 20240801, 7)
-HEADER_BYTES = 256 * 4        # 256 int32, of which only the first 3 are used
+HEADER_BYTES = 256 * 4        # 256 int32, of which only the first 3 are used (4 in a cut shard)
 EOT = 50256                   # <|endoftext|>, written *before* each document (modded-nanogpt's BOS)
 SHARD_SIZE = 10**8            # tokens per shard: 1,024 + 2 * 10^8 = 200,001,024 bytes on disk
 
@@ -43,11 +55,30 @@ DATASETS = {
 }
 # 'main' follows the dataset repo's latest commit. Pinning a commit hash is recommended for
 # reproducibility: copy the full hash from the repo's history page on huggingface.co and pass
-# --revision <hash>; .../resolve/<hash>/<file> then always serves the same bytes.
+# --revision=<hash>; .../resolve/<hash>/<file> then always serves the same bytes.
 REVISION = 'main'
 RETRIES = 5            # attempts per file, for dropped connections, timeouts and HTTP 5xx
 BACKOFF_SECONDS = 2.0  # wait 2, 4, 8, 16 s between attempts: about 30 s for a server to come back
 CHUNK_BYTES = 1 << 20  # read and write 1 MiB at a time
+
+defaults = dict(
+    # download a FineWeb sample (the default) ...
+    dataset='fineweb10B',     # fineweb10B or finewebedu10B, see DATASETS
+    num_train_shards=1,       # train shards of 100M tokens, 0 to 103 (99 for finewebedu10B); val comes too
+    max_tokens=0,             # only the first N tokens of each shard, by HTTP Range; 0 = whole shards
+    revision=REVISION,        # the dataset repo's branch or, better, commit hash
+    base_url='',              # a mirror: replaces everything before the file name ('' = the hub)
+    # ... or tokenize files of your own
+    text='',                  # .txt and .jsonl files, separated by commas: --text=notes.txt,more.jsonl
+    name='',                  # the name of their shards, with --text: data/NAME/NAME_val_000000.bin, ...
+    val_fraction=0.01,        # documents held out as val, in (0, 0.5]: train keeps at least as many
+    shard_size=SHARD_SIZE,    # tokens per shard
+    num_proc=os.cpu_count() or 1,  # tokenizer processes: all cores
+    # both
+    data_dir='',              # the output folder; '' = data/DATASET or data/NAME
+)
+DOWNLOAD_KEYS = ('dataset', 'num_train_shards', 'max_tokens', 'revision', 'base_url')
+TEXT_KEYS = ('name', 'val_fraction', 'shard_size', 'num_proc')
 
 
 class ShardError(ValueError):
@@ -55,7 +86,7 @@ class ShardError(ValueError):
 
 
 class PrepareError(RuntimeError):
-    """A download or a text input failed; the message names the file and the reason."""
+    """A download, a text input or an option failed; the message names it and the reason."""
 
 # -----------------------------------------------------------------------------
 # the shard format: check, load, write, list
@@ -85,10 +116,17 @@ def check_shard(path):
     return count
 
 
-def load_shard(path):
-    """The checked shard's tokens as a read-only 1-D uint16 memmap: pages load from disk when touched."""
+def load_shard(path, vocab_size=None):
+    """The checked shard's tokens as a read-only 1-D uint16 memmap: pages load from disk when touched.
+    With vocab_size, every token id must be below it, so that a shard of another tokenizer fails here and
+    not as an index error in the embedding mid-run. That reads the whole file once: 0.02 s per 100M tokens
+    in the page cache, the time to read 200 MB from disk otherwise."""
     count = check_shard(path)
-    return np.memmap(path, dtype=np.uint16, mode='r', offset=HEADER_BYTES, shape=(count,))  # tokens follow the header
+    tokens = np.memmap(path, dtype=np.uint16, mode='r', offset=HEADER_BYTES, shape=(count,))
+    if vocab_size is not None and (top := int(tokens.max())) >= vocab_size:
+        where = int(tokens.argmax())  # a second pass, only on the way to an error: the first id that high
+        raise ShardError(f'{path}: token id {top} at position {where:,} is not below vocab_size={vocab_size}')
+    return tokens
 
 
 def write_shard(path, tokens):
@@ -117,13 +155,37 @@ def write_shard(path, tokens):
             os.remove(tmp)
 
 
+def cut_shard(path, max_tokens):
+    """Make the file at path, the first bytes of a shard, a shard of its first max_tokens tokens (all of
+    them if it has fewer): the header's count says what the file holds, and int32 #3 keeps the count of
+    the whole shard, so that a later run knows this is only its start."""
+    header = np.fromfile(path, dtype='<i4', count=4)
+    if len(header) < 4 or header[0] != MAGIC:
+        return  # not a shard's header: check_shard says what is wrong
+    whole = int(header[3] or header[2])  # #3 is set if an earlier attempt cut this file but did not rename it
+    count = min(max_tokens, whole)
+    header[2:4] = count, (whole if count < whole else 0)
+    with open(path, 'r+b') as f:
+        f.write(header.tobytes())
+        if count < whole and os.path.getsize(path) > HEADER_BYTES + 2 * count:
+            f.truncate(HEADER_BYTES + 2 * count)  # the file may hold more, kept from a longer attempt
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def whole_count(path):
+    """The token count of the whole shard that the checked shard at path starts: its own, unless cut."""
+    count, whole = (int(x) for x in np.fromfile(path, dtype='<i4', count=4)[2:])
+    return whole or count
+
+
 def list_shards(data_dir, split):
     """Sorted paths of the '*_{split}_*.bin' shards in data_dir; split is 'train' or 'val'."""
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not os.path.isdir(data_dir):
         raise ShardError(f'data folder {data_dir} does not exist; run `python prepare.py` (FineWeb) '
-                         f'or `python prepare.py --text ...` first')
+                         f'or `python prepare.py --text=...` first')
     # the zero-padded indices make the alphabetical order the shard order; '.bin.tmp' never matches
     paths = sorted(glob.glob(os.path.join(glob.escape(data_dir), f'*_{split}_*.bin')))
     if not paths:
@@ -135,11 +197,16 @@ def list_shards(data_dir, split):
 # -----------------------------------------------------------------------------
 # download: resume, retry, check, and only then rename into place
 
-def fetch(url, tmp):
-    """One attempt: GET url and append to tmp, asking only for the bytes that tmp does not hold yet."""
+def fetch(url, tmp, size=None):
+    """One attempt: GET url into tmp up to its first size bytes (None: all of them), asking only for
+    the bytes that tmp does not hold yet."""
     name = os.path.basename(tmp).removesuffix('.tmp')
     start = os.path.getsize(tmp) if os.path.exists(tmp) else 0  # bytes kept from an interrupted attempt
-    headers = {'User-Agent': 'prepare.py'} | ({'Range': f'bytes={start}-'} if start else {})
+    if size is not None and start >= size:
+        return  # an earlier attempt, of a longer start or of the whole file, got them all
+    # 1M tokens are bytes=0-2001023: the 1,024-byte header and 2 * 10^6 bytes; the rest is bytes=START-
+    span = f'bytes={start}-{"" if size is None else size - 1}'
+    headers = {'User-Agent': 'prepare.py'} | ({'Range': span} if start or size else {})
     # urllib follows the hub's redirect to its CDN and keeps the Range header on the way. The timeout
     # applies to each socket read, so a stalled transfer fails (and is retried) instead of hanging.
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as resp:
@@ -147,42 +214,52 @@ def fetch(url, tmp):
             start = 0  # a full body: there was no Range, or the server ignored it, so start over
         length = resp.headers.get('Content-Length')
         total = start + int(length) if length is not None else None  # on a 206, length is the rest
+        if size is not None:  # also where a 200 sends all 200 MB: read only the bytes wanted
+            total = size if total is None else min(total, size)
         folder = os.path.dirname(os.path.abspath(tmp))
         free = shutil.disk_usage(folder).free
         if total is not None and free < total - start:  # fail now, not 190 MB into the file
-            raise PrepareError(f'{name}: not enough disk space in {folder}: '
-                               f'{(total - start) / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free')
+            raise OSError(errno.ENOSPC, f'{(total - start) / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free')
+        done = start
         with open(tmp, 'ab' if start else 'wb') as f, \
                 tqdm(desc=name, total=total, initial=start, unit='B', unit_scale=True, unit_divisor=1024) as bar:
-            while chunk := resp.read(CHUNK_BYTES):
+            while done != total:
+                chunk = resp.read(CHUNK_BYTES if total is None else min(CHUNK_BYTES, total - done))
+                if not chunk:
+                    break
                 f.write(chunk)
+                done += len(chunk)
                 bar.update(len(chunk))
             f.flush()
             os.fsync(f.fileno())  # what tmp holds is on disk, so the next resume offset is right
     # http.client returns b'' instead of raising when a connection closes early, so count the bytes
-    if total is not None and os.path.getsize(tmp) < total:
-        raise ConnectionError(f'connection dropped after {os.path.getsize(tmp)} of {total} bytes')
+    if total is not None and done < total:
+        raise ConnectionError(f'connection dropped after {done} of {total} bytes')
 
 
-def download(url, path):
-    """Download url to path through path + '.tmp', which is renamed only after check_shard passes."""
+def download(url, path, max_tokens=0):
+    """Download url to path through path + '.tmp', which is renamed only after check_shard passes;
+    with max_tokens, only the shard's first max_tokens tokens (see cut_shard)."""
     name, tmp = os.path.basename(path), path + '.tmp'
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     for attempt in range(1, RETRIES + 1):
         try:
-            fetch(url, tmp)
+            fetch(url, tmp, HEADER_BYTES + 2 * max_tokens if max_tokens else None)
             break
         except urllib.error.HTTPError as e:  # caught before OSError, of which HTTPError is a subclass
             if e.code == 416:  # the range starts at or past the end: tmp is not a prefix, start over
                 os.remove(tmp)
             elif e.code < 500 and e.code != 429:  # 404, 403, ...: asking again will not help
-                raise PrepareError(f'{name}: HTTP {e.code} {e.reason} for {url} '
-                                   f'(check --dataset, --revision and --base_url)') from None
+                raise PrepareError(f'{name}: HTTP {e.code} {e.reason} for {url}; is the file there? '
+                                   f'check --dataset, --revision and --base_url') from None
             problem = f'HTTP {e.code} {e.reason}'
         except (OSError, http.client.HTTPException) as e:  # dropped connection, reset, timeout
-            if getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT):
-                raise PrepareError(f'{name}: disk full while writing {tmp}; free some space and '
-                                   f'run again to resume from the bytes already there') from None
+            if getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT):  # retrying cannot help
+                if os.path.exists(tmp):
+                    os.remove(tmp)  # half a shard is of no use, and deleting it gives the space back
+                detail = '' if e.strerror == os.strerror(errno.ENOSPC) else f' ({e.strerror})'  # MB, quota
+                raise PrepareError(f'{path}: no space left on device{detail}; no partial file was kept, '
+                                   f'free some space and run again') from None
             problem = f'{type(e).__name__}: {e}'
         if attempt == RETRIES:  # tmp stays, so the next run resumes where this one stopped
             raise PrepareError(f'{name}: download failed after {RETRIES} attempts, last: {problem} '
@@ -191,19 +268,20 @@ def download(url, path):
         print(f'{name}: {problem}; retrying in {wait:g}s ({attempt + 1}/{RETRIES})', file=sys.stderr)
         time.sleep(wait)
     try:
+        if max_tokens:
+            cut_shard(tmp, max_tokens)
         check_shard(tmp)  # the same checks that load_shard runs for train.py
     except ShardError as e:  # e.g. an HTML error page served with status 200, or a short file
         os.remove(tmp)
         raise PrepareError(f'{name}: the download is not a valid shard, so it was deleted '
                            f'and not moved into place: {e}') from None
-    os.replace(tmp, path)  # only now can the loader see the file
+    os.replace(tmp, path)  # only now can the loader see the file, and an older one is replaced whole
 
 
-def download_dataset(dataset, data_dir, num_train_shards, revision=REVISION, base_url=None):
-    """Fetch the val shard and the first num_train_shards train shards, skipping valid ones on disk."""
-    repo, prefix, n_train = DATASETS[dataset]
-    if not 0 <= num_train_shards <= n_train:
-        raise PrepareError(f'--num_train_shards must be in [0, {n_train}] for {dataset}, got {num_train_shards}')
+def download_dataset(dataset, data_dir, num_train_shards, revision=REVISION, base_url=None, max_tokens=0):
+    """Fetch the val shard and the first num_train_shards train shards, or the first max_tokens tokens of
+    each, skipping those already on disk. A whole shard on disk stays: --max_tokens never cuts one."""
+    repo, prefix, _ = DATASETS[dataset]
     # --base_url replaces everything before the file name; '.../dir/' and '.../dir' both work
     base = (base_url or f'https://huggingface.co/datasets/{repo}/resolve/{revision}').rstrip('/')
     names = [f'{prefix}_val_000000.bin'] + [f'{prefix}_train_{i:06d}.bin' for i in range(1, num_train_shards + 1)]
@@ -211,11 +289,16 @@ def download_dataset(dataset, data_dir, num_train_shards, revision=REVISION, bas
         path = os.path.join(data_dir, name)
         if os.path.exists(path):  # a re-run costs a header read per shard, not 200 MB
             try:
-                print(f'{name}: already present ({check_shard(path):,} tokens), skipping')
-                continue
+                count, whole = check_shard(path), whole_count(path)
             except ShardError as e:
                 print(f'{e}; downloading it again', file=sys.stderr)
-        download(f'{base}/{name}', path)
+            else:
+                held = f'{count:,} tokens' if count == whole else f'the first {count:,} of {whole:,} tokens'
+                if count in (whole, max_tokens):
+                    print(f'{name}: already present ({held}), skipping')
+                    continue
+                print(f'{name}: holds {held}; downloading it again', file=sys.stderr)
+        download(f'{base}/{name}', path, max_tokens)
     print(f'{len(names)} shards ready in {data_dir}')
 
 # -----------------------------------------------------------------------------
@@ -297,7 +380,7 @@ def tokenize_text(paths, name, data_dir, val_fraction=0.01, shard_size=SHARD_SIZ
     """Tokenize documents on all cores and hold out every k-th document as val; returns the writers."""
     for p in paths:  # check every input before a long tokenizing run starts
         if not os.path.isfile(p) or not p.endswith(('.txt', '.jsonl')):
-            raise PrepareError(f'{p}: expected an existing .txt or .jsonl file')
+            raise PrepareError(f'--text: {p}: expected an existing .txt or .jsonl file')
     existing = glob.glob(os.path.join(glob.escape(data_dir), f'{glob.escape(name)}_*.bin'))
     if existing:  # a run that writes fewer shards than the last one would leave stale shards behind
         raise PrepareError(f'{data_dir} already holds {name} shards ({sorted(existing)[0]}, ...); '
@@ -330,40 +413,53 @@ def tokenize_text(paths, name, data_dir, val_fraction=0.01, shard_size=SHARD_SIZ
     return writers
 
 # -----------------------------------------------------------------------------
+# the command line: every option checked before anything is downloaded or written
+
+def out_dir(cfg):
+    return cfg['data_dir'] or os.path.join('data', cfg['name'] or cfg['dataset'])  # relative to the cwd
+
+
+def check_config(cfg):
+    """Raise PrepareError naming the first option whose value cannot work, and what it expects."""
+    text, name, base_url = cfg['text'], cfg['name'], cfg['base_url']
+    # an option of the other mode would be ignored without a word: e.g. --max_tokens does not cut --text
+    for key in DOWNLOAD_KEYS if text else TEXT_KEYS:
+        if cfg[key] != defaults[key]:
+            raise PrepareError(f'--{key}={cfg[key]}: applies only {"without" if text else "with"} --text')
+    n_train = DATASETS[cfg['dataset']][2] if cfg['dataset'] in DATASETS else 0
+    folder = os.path.abspath(out_dir(cfg))
+    while not os.path.exists(folder):  # the nearest part that exists: makedirs creates the rest
+        folder = os.path.dirname(folder)
+    checks = [
+        ('dataset', cfg['dataset'] in DATASETS, ' or '.join(DATASETS)),
+        ('num_train_shards', 0 <= cfg['num_train_shards'] <= n_train, f'0 to {n_train} for {cfg["dataset"]}'),
+        ('max_tokens', cfg['max_tokens'] >= 0, 'a number of tokens >= 0 (0 = whole shards)'),
+        ('revision', cfg['revision'] != '', 'a branch or commit hash of the dataset repo'),
+        ('revision', not base_url or cfg['revision'] == REVISION, 'none with --base_url, which replaces it'),
+        ('base_url', not base_url or base_url.startswith(('http://', 'https://')), 'an http(s):// URL'),
+        ('name', not text or name and name == os.path.basename(name) and name not in ('.', '..'),
+         'a file name for the shards of --text (data/NAME/NAME_val_000000.bin, ...)'),
+        ('val_fraction', 0 < cfg['val_fraction'] <= 0.5, 'in (0, 0.5]: train keeps the most documents'),
+        ('shard_size', 0 < cfg['shard_size'] < 2**31, 'in [1, 2^31 - 1], an int32 in the header'),
+        ('num_proc', cfg['num_proc'] >= 1, 'at least 1 process'),
+        ('data_dir', os.path.isdir(folder), f'a folder, but {folder} is a file'),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise PrepareError(f'--{key}={cfg[key]}: expected {expected}')
+
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--dataset', choices=sorted(DATASETS), default='fineweb10B', help='remote dataset to download')
-    parser.add_argument('--num_train_shards', type=int, default=1, metavar='N',
-                        help='train shards of 100M tokens to download')
-    parser.add_argument('--revision', default=REVISION, metavar='REV',
-                        help='dataset revision on the hub: a branch or, better, a commit hash')
-    parser.add_argument('--base_url', metavar='URL', help='mirror URL that replaces everything before the file name')
-    parser.add_argument('--data_dir', metavar='DIR', help='output folder (default: data/DATASET or data/NAME)')
-    parser.add_argument('--text', nargs='+', metavar='PATH',
-                        help="tokenize these files instead of downloading. A .jsonl file holds one document per "
-                             "line, in its 'text' field. A .txt file is split into documents at lines that hold only "
-                             "<|endoftext|>; a .txt file without such a line is one document")
-    parser.add_argument('--name', help='name of the tokenized dataset (with --text): data/NAME/NAME_*.bin')
-    parser.add_argument('--val_fraction', type=float, default=0.01, metavar='F',
-                        help='fraction of documents held out as val (at least 1 document, so 2 are needed)')
-    parser.add_argument('--shard_size', type=int, default=SHARD_SIZE, metavar='N', help='tokens per shard')
-    parser.add_argument('--num_proc', type=int, default=os.cpu_count(), metavar='N',
-                        help='tokenizer processes (default: all cores)')
-    args = parser.parse_args(argv)
-    if bool(args.text) != bool(args.name):
-        parser.error('--text and --name go together')
-    if not 0 < args.val_fraction <= 0.5:  # at most half, so train keeps at least as many documents
-        parser.error(f'--val_fraction must be in (0, 0.5], got {args.val_fraction}')
-    if not 0 < args.shard_size < 2**31:
-        parser.error(f'--shard_size must be in [1, 2^31 - 1], got {args.shard_size}')
+    cfg = cli.parse(sys.argv[1:] if argv is None else argv, defaults, __doc__)
     try:
-        if args.text:
-            data_dir = args.data_dir or os.path.join('data', args.name)  # relative to the working directory
-            tokenize_text(args.text, args.name, data_dir, args.val_fraction, args.shard_size, args.num_proc)
+        check_config(cfg)
+        if cfg['text']:
+            paths = [p for p in cfg['text'].split(',') if p]  # 'a.txt,' is a.txt
+            tokenize_text(paths, cfg['name'], out_dir(cfg), cfg['val_fraction'], cfg['shard_size'],
+                          cfg['num_proc'])
         else:
-            data_dir = args.data_dir or os.path.join('data', args.dataset)
-            download_dataset(args.dataset, data_dir, args.num_train_shards, args.revision, args.base_url)
+            download_dataset(cfg['dataset'], out_dir(cfg), cfg['num_train_shards'], cfg['revision'],
+                             cfg['base_url'], cfg['max_tokens'])
     except (ShardError, PrepareError, OSError) as e:
         sys.exit(f'error: {e}')  # an expected failure: one line on stderr, exit status 1, no traceback
 

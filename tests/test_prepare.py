@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -94,6 +95,20 @@ def test_load_shard_missing_file(tmp_path):
         load_shard(str(tmp_path / 'no_val_000000.bin'))
 
 
+def test_load_shard_checks_token_ids_against_vocab_size(tmp_path):
+    path = tmp_path / 'x_train_000001.bin'
+    tokens = np.full(5000, 7)
+    tokens[[10, 1234, 4000]] = 50256, 50300, 50300  # the first of the highest ids is reported
+    write_shard(path, tokens)
+    assert len(load_shard(str(path))) == 5000  # no vocab_size: no check
+    assert len(load_shard(str(path), vocab_size=50304)) == 5000  # GPT-2's 50,257 padded to 50,304
+    with pytest.raises(ShardError) as e:
+        load_shard(str(path), vocab_size=50257)
+    assert str(e.value) == f'{path}: token id 50300 at position 1,234 is not below vocab_size=50257'
+    with pytest.raises(ShardError, match='token id 50300 at position 1,234 is not below vocab_size=50300'):
+        load_shard(str(path), vocab_size=50300)
+
+
 def test_list_shards(tmp_path):
     for name in ['a_train_000002.bin', 'a_train_000001.bin', 'a_val_000000.bin', 'a_train_000003.bin.tmp', 'notes.txt']:
         (tmp_path / name).write_bytes(b'')
@@ -118,9 +133,10 @@ def test_list_shards(tmp_path):
 # downloads from a local server that misbehaves on request
 
 class Handler(BaseHTTPRequestHandler):
-    """Serves `files` (URL path -> bytes) with Range support. `plans` maps a URL path to the actions of
-    its next requests: 'drop' (close mid-body), 'norange' (ignore Range), '500', '404'; then 'ok'."""
-    files, plans, log = {}, {}, []
+    """Serves `files` (URL path -> bytes) with Range support (bytes=A- and bytes=A-B). `plans` maps a URL path
+    to the actions of its next requests: 'drop' (close mid-body), 'norange' (ignore Range), '500', '404';
+    then 'ok'. `sent` gets the number of body bytes each answer got out before the client hung up."""
+    files, plans, log, sent = {}, {}, [], []
 
     def do_GET(self):
         self.log.append((self.path, self.headers.get('Range')))
@@ -129,18 +145,30 @@ class Handler(BaseHTTPRequestHandler):
         if action == '500' or action == '404' or self.path not in self.files:
             self.send_error(500 if action == '500' else 404)
             return
-        data, start = self.files[self.path], 0
+        data = self.files[self.path]
+        start, end = 0, len(data) - 1
         if self.headers.get('Range') and action != 'norange':
-            start = int(self.headers['Range'].removeprefix('bytes=').rstrip('-'))
+            first, _, last = self.headers['Range'].removeprefix('bytes=').partition('-')
+            start, end = int(first), min(int(last or end), end)  # a range past the end stops at the end
+            if start >= len(data):
+                self.send_error(416)
+                return
             self.send_response(206)
-            self.send_header('Content-Range', f'bytes {start}-{len(data) - 1}/{len(data)}')
+            self.send_header('Content-Range', f'bytes {start}-{end}/{len(data)}')
         else:
             self.send_response(200)
-        body = data[start:]
+        body = data[start:end + 1]
         self.send_header('Content-Length', str(len(body)))
         self.end_headers()
         # HTTP/1.0: the server closes the connection when this returns, so 'drop' cuts the body in half
-        self.wfile.write(body[:len(body) // 2] if action == 'drop' else body)
+        body, sent = body[:len(body) // 2] if action == 'drop' else body, 0
+        try:
+            for i in range(0, len(body), 1 << 16):  # 64 KiB at a time, counting what got out
+                self.wfile.write(chunk := body[i:i + (1 << 16)])
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):  # the client read what it wanted and closed
+            pass
+        self.sent.append(sent)
 
     def log_message(self, *args):
         pass
@@ -148,7 +176,7 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(monkeypatch):
-    handler = type('TestHandler', (Handler,), {'files': {}, 'plans': {}, 'log': []})
+    handler = type('TestHandler', (Handler,), {'files': {}, 'plans': {}, 'log': [], 'sent': []})
     httpd = ThreadingHTTPServer(('127.0.0.1', 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)  # fast shutdown
     thread.start()
@@ -171,16 +199,16 @@ def serve_fineweb(server, num_train=2, n=3000):
 def test_download_fetches_shards_and_skips_valid_ones(server, tmp_path):
     names = serve_fineweb(server)
     d = tmp_path / 'fw'
-    prepare.main(['--base_url', server.url + '/', '--data_dir', str(d), '--num_train_shards', '2'])
+    prepare.main([f'--base_url={server.url}/', f'--data_dir={d}', '--num_train_shards=2'])
     assert sorted(os.listdir(d)) == sorted(names)
     for name in names:
         assert (d / name).read_bytes() == server.files[f'/mirror/{name}']
     assert [p for p, _ in server.log] == [f'/mirror/{name}' for name in names]
-    prepare.main(['--base_url', server.url, '--data_dir', str(d), '--num_train_shards', '2'])
+    prepare.main([f'--base_url={server.url}', f'--data_dir={d}', '--num_train_shards=2'])
     assert len(server.log) == 3  # all present and valid: nothing fetched
     bad = d / 'fineweb_train_000002.bin'
     bad.write_bytes(bad.read_bytes()[:2000])  # truncated by hand: fetched again
-    prepare.main(['--base_url', server.url, '--data_dir', str(d), '--num_train_shards', '2'])
+    prepare.main([f'--base_url={server.url}', f'--data_dir={d}', '--num_train_shards=2'])
     assert server.log[3:] == [('/mirror/fineweb_train_000002.bin', None)]
     assert bad.read_bytes() == server.files['/mirror/fineweb_train_000002.bin']
 
@@ -223,16 +251,17 @@ def test_download_retries_500_then_gives_up(server, tmp_path, monkeypatch):
 def test_download_404_fails_clearly_without_retry(server, tmp_path, capsys):
     serve_fineweb(server, num_train=0)  # no train shard on the server
     with pytest.raises(SystemExit) as e:
-        prepare.main(['--base_url', server.url, '--data_dir', str(tmp_path), '--num_train_shards', '1'])
+        prepare.main([f'--base_url={server.url}', f'--data_dir={tmp_path}', '--num_train_shards=1'])
     assert e.value.code.startswith('error: fineweb_train_000001.bin: HTTP 404')  # sys.exit(str): status 1
-    assert '--base_url' in e.value.code
+    assert f'{server.url}/fineweb_train_000001.bin' in e.value.code and '\n' not in e.value.code
+    assert '--revision' in e.value.code and '--base_url' in e.value.code
     assert [p for p, _ in server.log].count('/mirror/fineweb_train_000001.bin') == 1
     assert sorted(os.listdir(tmp_path)) == ['fineweb_val_000000.bin']
 
 
 def test_cli_failure_is_one_line_without_traceback(server, tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / 'prepare.py'), '--base_url', server.url,
-                          '--data_dir', str(tmp_path)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, str(ROOT / 'prepare.py'), f'--base_url={server.url}',
+                          f'--data_dir={tmp_path}'], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert 'error: fineweb_val_000000.bin: HTTP 404' in out.stderr and 'Traceback' not in out.stderr
     assert os.listdir(tmp_path) == []
@@ -255,18 +284,165 @@ def test_download_stops_on_a_full_disk(server, tmp_path, monkeypatch):
     usage = type('Usage', (), {'free': 100})  # 100 bytes free: less than the 7 KB shard
     with monkeypatch.context() as m:
         m.setattr(prepare.shutil, 'disk_usage', lambda path: usage)
-        with pytest.raises(PrepareError, match='not enough disk space .* MB free'):
+        with pytest.raises(PrepareError, match=r'fineweb_val_000000.bin: no space left on device '
+                                               r'\(0 MB needed, 0 MB free\); no partial file was kept'):
             prepare.download_dataset('fineweb10B', str(tmp_path), 0, base_url=server.url)
     assert os.listdir(tmp_path) == []
+    assert len(server.log) == 1  # no retries
 
+    # the disk fills up during the transfer that would replace a good shard (its first 1,000 tokens by the
+    # whole shard): stop at once, delete the partial download and keep the good shard as it was
+    prepare.download_dataset('fineweb10B', str(tmp_path), 0, base_url=server.url, max_tokens=1000)
+    good = (tmp_path / 'fineweb_val_000000.bin').read_bytes()
     calls = []
-    def enospc(url, tmp):  # the disk fills up during the transfer: stop at once, no retries
+    def enospc(url, tmp, size):
         calls.append(url)
+        Path(tmp).write_bytes(b'x' * 5000)
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(prepare, 'fetch', enospc)
-    with pytest.raises(PrepareError, match='disk full while writing .*fineweb_val_000000.bin.tmp'):
+    with pytest.raises(PrepareError) as e:
         prepare.download_dataset('fineweb10B', str(tmp_path), 0, base_url=server.url)
+    assert str(e.value) == (f'{tmp_path / "fineweb_val_000000.bin"}: no space left on device; no partial file '
+                            f'was kept, free some space and run again')
     assert len(calls) == 1
+    assert os.listdir(tmp_path) == ['fineweb_val_000000.bin']
+    assert (tmp_path / 'fineweb_val_000000.bin').read_bytes() == good
+
+# -----------------------------------------------------------------------------
+# --max_tokens: the first N tokens of each shard, by HTTP Range
+
+def header(path):
+    return np.fromfile(path, dtype='<i4', count=4).tolist()
+
+
+def test_max_tokens_fetches_the_start_of_each_shard_with_range(server, tmp_path):
+    names = serve_fineweb(server, num_train=1, n=3000)
+    d = tmp_path / 'fw'
+    run = lambda n: prepare.main([f'--base_url={server.url}', f'--data_dir={d}', f'--max_tokens={n}'])
+    run(1000)
+    # 1,000 tokens are the 1,024-byte header and 2,000 bytes: bytes 0 to 3,023
+    assert server.log == [(f'/mirror/{name}', 'bytes=0-3023') for name in names]
+    for name in names:
+        served = np.frombuffer(server.files[f'/mirror/{name}'], dtype='<u2', offset=1024)
+        assert (d / name).stat().st_size == 1024 + 2 * 1000
+        assert header(d / name) == [20240520, 1, 1000, 3000]  # 1,000 tokens held, of a shard of 3,000
+        np.testing.assert_array_equal(load_shard(str(d / name), vocab_size=50257), served[:1000])
+    run(1000)  # the same N again: nothing fetched
+    assert len(server.log) == 2
+    run(500)  # another N: replaced
+    assert server.log[2:] == [(f'/mirror/{name}', 'bytes=0-2023') for name in names]
+    assert [header(d / name)[2:] for name in names] == [[500, 3000]] * 2
+    run(0)  # whole shards: a cut shard is not one, so both are fetched whole
+    assert server.log[4:] == [(f'/mirror/{name}', None) for name in names]
+    assert all((d / name).read_bytes() == server.files[f'/mirror/{name}'] for name in names)
+    run(1000)  # a whole shard is never cut down
+    assert len(server.log) == 6
+    assert sorted(os.listdir(d)) == sorted(names)
+
+
+def test_max_tokens_beyond_the_shard_gets_the_whole_shard(server, tmp_path):
+    serve_fineweb(server, num_train=0, n=3000)
+    prepare.download_dataset('fineweb10B', str(tmp_path), 0, base_url=server.url, max_tokens=5000)
+    assert server.log == [('/mirror/fineweb_val_000000.bin', 'bytes=0-11023')]  # answered with 7,024 bytes
+    path = tmp_path / 'fineweb_val_000000.bin'
+    assert path.read_bytes() == server.files['/mirror/fineweb_val_000000.bin'] and header(path)[3] == 0
+    prepare.download_dataset('fineweb10B', str(tmp_path), 0, base_url=server.url, max_tokens=5000)
+    assert len(server.log) == 1  # whole, so present
+
+
+def test_max_tokens_reads_only_what_it_needs_when_the_server_ignores_range(server, tmp_path):
+    path = '/mirror/fineweb_val_000000.bin'
+    server.files[path] = shard_bytes(np.arange(16 * 2**20) % 50257)  # 16M tokens, 32 MB
+    server.plans[path] = ['norange']  # a 200 with the whole file
+    prepare.download_dataset('fineweb10B', str(tmp_path), 0, base_url=server.url, max_tokens=1000)
+    assert server.log == [(path, 'bytes=0-3023')]
+    assert load_shard(str(tmp_path / 'fineweb_val_000000.bin')).tolist() == list(range(1000))
+    for _ in range(500):  # the server's thread ends when its write fails, after the client hung up
+        if server.sent:
+            break
+        time.sleep(0.01)
+    # the client stopped after 3,024 bytes; what got out is what the sockets' buffers hold (a few MB)
+    assert server.sent[0] < len(server.files[path]) // 2
+
+
+def test_max_tokens_resumes_a_dropped_connection_and_an_attempt_cut_before_its_rename(server, tmp_path):
+    serve_fineweb(server, num_train=0, n=3000)
+    path = '/mirror/fineweb_val_000000.bin'
+    data = server.files[path]
+    server.plans[path] = ['drop']
+    prepare.download_dataset('fineweb10B', str(tmp_path), 0, base_url=server.url, max_tokens=1000)
+    assert server.log == [(path, 'bytes=0-3023'), (path, 'bytes=1512-3023')]  # the rest of the range
+    assert (tmp_path / 'fineweb_val_000000.bin').read_bytes()[1024:] == data[1024:3024]
+    # a .tmp cut to 1,000 tokens by an attempt that stopped before its rename, now resumed for 2,000
+    tmp = tmp_path / 'fineweb_val_000000.bin.tmp'
+    tmp.write_bytes((tmp_path / 'fineweb_val_000000.bin').read_bytes())
+    prepare.download_dataset('fineweb10B', str(tmp_path), 0, base_url=server.url, max_tokens=2000)
+    assert server.log[2:] == [(path, 'bytes=3024-5023')]
+    assert header(tmp_path / 'fineweb_val_000000.bin') == [20240520, 1, 2000, 3000]
+    assert (tmp_path / 'fineweb_val_000000.bin').read_bytes()[1024:] == data[1024:5024]
+    assert os.listdir(tmp_path) == ['fineweb_val_000000.bin']
+
+
+def test_replacing_a_cut_shard_keeps_it_until_the_new_one_is_good(server, tmp_path, monkeypatch):
+    serve_fineweb(server, num_train=0, n=3000)
+    path = '/mirror/fineweb_val_000000.bin'
+    prepare.download_dataset('fineweb10B', str(tmp_path), 0, base_url=server.url, max_tokens=1000)
+    good = (tmp_path / 'fineweb_val_000000.bin').read_bytes()
+    monkeypatch.setattr(prepare, 'RETRIES', 2)
+    server.plans[path] = ['500', '500']
+    with pytest.raises(PrepareError, match='download failed after 2 attempts'):
+        prepare.download_dataset('fineweb10B', str(tmp_path), 0, base_url=server.url, max_tokens=2000)
+    server.files[path] = b'<html>rate limited</html>'
+    with pytest.raises(PrepareError, match='not a valid shard'):
+        prepare.download_dataset('fineweb10B', str(tmp_path), 0, base_url=server.url)
+    assert os.listdir(tmp_path) == ['fineweb_val_000000.bin']
+    assert (tmp_path / 'fineweb_val_000000.bin').read_bytes() == good
+
+# -----------------------------------------------------------------------------
+# the options: a bad value stops the run with one line before anything is fetched or written
+
+@pytest.mark.parametrize('argv, message', [
+    (['--dataset=fineweb100B'], '--dataset=fineweb100B: expected fineweb10B or finewebedu10B'),
+    (['--num_train_shards=-1'], '--num_train_shards=-1: expected 0 to 103 for fineweb10B'),
+    (['--dataset=finewebedu10B', '--num_train_shards=100'], '--num_train_shards=100: expected 0 to 99'),
+    (['--max_tokens=-5'], '--max_tokens=-5: expected a number of tokens >= 0'),
+    (['--revision='], '--revision=: expected a branch or commit hash'),
+    (['--base_url=http://x', '--revision=abc'], '--revision=abc: expected none with --base_url'),
+    (['--base_url=example.com/data'], '--base_url=example.com/data: expected an http(s):// URL'),
+    (['--name=toy'], '--name=toy: applies only with --text'),
+    (['--val_fraction=0.2'], '--val_fraction=0.2: applies only with --text'),
+    (['--text=a.txt', '--max_tokens=100'], '--max_tokens=100: applies only without --text'),
+    (['--text=a.txt'], '--name=: expected a file name for the shards of --text'),
+    (['--text=a.txt', '--name=sub/toy'], '--name=sub/toy: expected a file name'),
+    (['--text=a.txt', '--name=toy', '--val_fraction=0'], '--val_fraction=0.0: expected in (0, 0.5]'),
+    (['--text=a.txt', '--name=toy', '--val_fraction=1'], '--val_fraction=1.0: expected in (0, 0.5]'),
+    (['--text=a.txt', '--name=toy', '--shard_size=0'], '--shard_size=0: expected in [1, 2^31 - 1]'),
+    (['--text=a.txt', '--name=toy', '--num_proc=0'], '--num_proc=0: expected at least 1 process'),
+    (['--text=a.txt,missing.jsonl', '--name=toy'], '--text: missing.jsonl: expected an existing .txt or .jsonl'),
+    (['--text=a.txt,data.csv', '--name=toy'], '--text: data.csv: expected an existing .txt or .jsonl'),
+    (['--data_dir=a.txt'], '--data_dir=a.txt: expected a folder, but '),
+    (['--data_dir=a.txt/sub'], '--data_dir=a.txt/sub: expected a folder, but '),
+    (['--num_train_shards=1.5'], 'num_train_shards expects int'),  # cli.py's own check
+])
+def test_bad_options_stop_with_one_line_before_any_download_or_write(server, tmp_path, monkeypatch, argv,
+                                                                       message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'a.txt').write_text('one\n<|endoftext|>\ntwo\n')
+    (tmp_path / 'data.csv').write_text('a,b\n')
+    serve_fineweb(server)
+    if not any(a.startswith(('--base_url', '--text')) for a in argv):
+        argv = [f'--base_url={server.url}', *argv]  # were a download to start, it would reach this server
+    with pytest.raises(SystemExit) as e:
+        prepare.main(argv)
+    assert e.value.code.startswith('error: ') and message in e.value.code and '\n' not in e.value.code
+    assert server.log == [] and sorted(os.listdir(tmp_path)) == ['a.txt', 'data.csv']
+
+
+def test_bad_option_from_the_command_line_has_no_traceback(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / 'prepare.py'), '--num_train_shards=200'],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 1 and out.stdout == '' and os.listdir(tmp_path) == []
+    assert out.stderr == 'error: --num_train_shards=200: expected 0 to 103 for fineweb10B\n'
 
 # -----------------------------------------------------------------------------
 # local text
@@ -301,8 +477,8 @@ def test_tokenize_txt_and_jsonl_into_shards(tmp_path, monkeypatch):
     inputs = write_inputs(tmp_path)
     assert list(prepare.iter_documents(inputs)) == DOCS
     out = tmp_path / 'data' / 'toy'
-    prepare.main(['--text', *inputs, '--name', 'toy', '--data_dir', str(out),
-                  '--val_fraction', '0.3', '--shard_size', '16', '--num_proc', '1'])
+    prepare.main([f'--text={",".join(inputs)}', '--name=toy', f'--data_dir={out}',
+                  '--val_fraction=0.3', '--shard_size=16', '--num_proc=1'])
     tokens = [[EOT] + list(doc.encode('utf-8')) for doc in DOCS]
     # 7 documents at 0.3: round(2.1) = 2 val documents, every 7 // 2 = 3rd one: documents 0 and 3
     val = [t for i, doc in enumerate(tokens) if i in (0, 3) for t in doc]
@@ -376,5 +552,7 @@ def test_help_explains_how_txt_is_split():
     assert out.returncode == 0
     help_text = ' '.join(out.stdout.split())
     assert 'A .txt file is split into documents at lines that hold only <|endoftext|>' in help_text
-    for option in ['--num_train_shards', '--dataset', '--base_url', '--data_dir', '--revision', '--text', '--name']:
+    assert '--text=notes.txt,more.jsonl --name=mydata' in help_text and '--max_tokens=1000000' in help_text
+    for option in ['--num_train_shards=1', '--dataset=fineweb10B', '--base_url=', '--data_dir=', '--revision=main',
+                   '--text=', '--name=', '--max_tokens=0', '--val_fraction=0.01', '--shard_size=', '--num_proc=']:
         assert option in help_text
