@@ -8,8 +8,8 @@ Benchmarks: training-step speed and memory of each residual variant, and the rou
 Each variant trains for `warmup` untimed steps (compilation happens there), then `steps` timed steps on random
 tokens. One table is printed (ms/step, tok/s, MFU against the device's peak, peak memory, ratios to the
 standard variant of the same run) and written as JSON. `--route_impl=plain` or `--route_impl=fused` times
-AttnRes, Delta and DDL with model.py's code or the fused paths of fastroute.py and fastddl.py in every form
-('auto', the default, picks per form; see FusedRouted.fused and FusedDeepDelta.fused).
+AttnRes, Delta and DDL with model.py's code or the fused paths of fast/ in every form ('auto', the default,
+picks per form; see FusedRouted.fused and FusedDeepDelta.fused), applied as train.py applies them.
 The routing micro-benchmark runs the routing of a whole `route_variant` stream alone (the sublayers replaced by
 fixed random outputs), forward and backward, and reports the bandwidth it achieves counting only the bytes that
 must move: each (source, read) pair's source read once forward, and each read's output gradient read once per
@@ -24,18 +24,11 @@ from dataclasses import asdict
 import torch
 
 import cli
-from model import GPT, GPTConfig, _num_sources, peak_flops
+import fast
+from cli import VARIANTS, peak_flops
+from model import GPT, GPTConfig, _num_sources
 
 # default: GPT-2 124M as nanoGPT's bench.py, and the variants as the comparisons use them
-VARIANTS = {
-    'standard': dict(residual='standard'),
-    'ddl': dict(residual='ddl'),
-    'ddl_dv4': dict(residual='ddl', ddl_dv=4),
-    'attnres': dict(residual='attnres'),
-    'attnres_block': dict(residual='attnres', res_block=6),  # 24 sublayers / 6 = 4 blocks
-    'delta': dict(residual='delta'),
-    'delta_block': dict(residual='delta', res_block=6),
-}
 defaults = dict(
     variants=','.join(VARIANTS), device='cuda', dtype='bfloat16', compile=True, route_impl='auto',
     batch_size=16, block_size=1024, n_layer=12, n_head=12, n_embd=768, vocab_size=50304,
@@ -59,8 +52,9 @@ def bench_variant(name, cfg, device):
     """Time `steps` AdamW training steps of one variant; returns a dict of measurements."""
     torch.manual_seed(cfg['seed'])
     mcfg = GPTConfig(block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], n_layer=cfg['n_layer'],
-                     n_head=cfg['n_head'], n_embd=cfg['n_embd'], route_impl=cfg['route_impl'], **VARIANTS[name])
+                     n_head=cfg['n_head'], n_embd=cfg['n_embd'], **VARIANTS[name])
     model = GPT(mcfg).to(device)  # fp32 weights; autocast below runs the matmuls in bf16, as train.py does
+    fast.apply(model, cfg['route_impl'])  # before the optimizer: it replaces the stream's parameters
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
     if cfg['compile']:
         model.compile()  # in place, the whole model as one graph
@@ -113,9 +107,10 @@ def bench_routing(cfg, device):
     E.g. Delta, 12 layers: 299 pairs x 768 x 2 bytes x 2 = 0.92 MB a token, 15 GB for 16k tokens."""
     torch.manual_seed(cfg['seed'])
     B, T, L, d = cfg['batch_size'], cfg['block_size'], cfg['n_layer'], cfg['n_embd']
-    mcfg = GPTConfig(n_layer=L, n_head=cfg['n_head'], n_embd=d, route_impl=cfg['route_impl'],
-                     **VARIANTS[cfg['route_variant']])
-    stream = GPT(mcfg).stream.to(device)
+    mcfg = GPTConfig(n_layer=L, n_head=cfg['n_head'], n_embd=d, **VARIANTS[cfg['route_variant']])
+    model = GPT(mcfg).to(device)
+    fast.apply(model, cfg['route_impl'])
+    stream = model.stream
     dtype = getattr(torch, cfg['dtype'])
     autocast = torch.autocast(device.type, dtype=dtype, enabled=cfg['dtype'] != 'float32')
     e = torch.randn(B, T, d, device=device, requires_grad=True)
@@ -130,7 +125,7 @@ def bench_routing(cfg, device):
             stream.write(st, s, out, hs[-1], None)
         return hs + [stream.final(st)]
 
-    fused = hasattr(stream, 'fused') and stream.fused(e)  # fastroute.FusedRouted on its own path
+    fused = hasattr(stream, 'fused') and stream.fused(e)  # fast.route.FusedRouted on its own path
     route = torch.compile(run) if cfg['compile'] else run
 
     def step():

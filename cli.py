@@ -1,12 +1,14 @@
 """
-The command line of train.py, sample.py, bench.py and compare.py: `--key=value` arguments over a dict of
-defaults, each value read as the type of its default.
+The configuration of every script (train.py, sample.py, prepare.py, bench.py, compare.py): `--key=value`
+arguments over a dict of defaults, each value read as the type of its default.
 
   --out_dir=out/run1            a string, as written (it may contain '=')
   --learning_rate=3e-4          a number; arithmetic is fine: --total_batch_size=16*1024*32
   --compile=false               a bool: 1, true, yes or 0, false, no, in any case
 
-train.py also reads config files of `name = value` lines with the same rules (literal, check).
+train.py also reads config files of `name = value` lines with the same rules (read_config_file: parsed with
+ast, never executed). Below them, the choices every script makes the same way: the named variants, the device
+and its precision, and a GPU's peak FLOP/s for MFU.
 """
 import ast
 import difflib
@@ -89,3 +91,92 @@ def parse(argv, defaults, doc, passthrough=False):
             raise SystemExit(f'error: {e}') from None
         cfg[key] = value
     return (cfg, rest) if passthrough else cfg
+
+
+def read_config_file(path):
+    """The `name = value` lines of a config file, as [(name, value, 'file:line')]. Nothing is executed."""
+    try:  # parsed, never run: a config file cannot import, call, or set anything but known keys
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+    except OSError as e:
+        raise ConfigError(f'cannot read config file {path}: {e.strerror}') from None
+    except SyntaxError as e:
+        raise ConfigError(f'{path}:{e.lineno}: syntax error: {e.msg}') from None
+    out = []
+    for node in tree.body:
+        where = f'{path}:{node.lineno}'
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ConfigError(f'{where}: a config file holds only `name = value` lines, got `{ast.unparse(node)}`')
+        out.append((node.targets[0].id, literal(node.value, where), where))
+    return out
+
+# ----------------------------------------------------------------------------------------------------------
+# The named variants: the seven forms that bench.py, compare.py and the tests run, as GPTConfig fields
+
+VARIANTS = {
+    'standard': dict(residual='standard'),
+    'ddl': dict(residual='ddl', ddl_dv=1),
+    'ddl_dv4': dict(residual='ddl', ddl_dv=4),
+    'attnres': dict(residual='attnres', res_block=0),
+    'attnres_block': dict(residual='attnres', res_block=6),  # 6 sublayers a block: 4 blocks at 12 layers
+    'delta': dict(residual='delta', res_block=0),
+    'delta_block': dict(residual='delta', res_block=6),
+}
+
+# ----------------------------------------------------------------------------------------------------------
+# Device and precision
+
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
+
+
+def pick_device(device):
+    """'auto' -> cuda if there is one, else mps, else cpu; any other name is checked against this machine."""
+    import torch
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"device={device!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'device={device}: this machine has no CUDA GPU that torch can use (try device=cpu)')
+    if kind == 'cuda' and torch.device(device).index is not None and \
+            torch.device(device).index >= torch.cuda.device_count():
+        raise ConfigError(f'device={device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)')
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise ConfigError(f'device={device}: MPS is not available on this machine (try device=cpu)')
+    if kind not in ('cpu', 'cuda', 'mps'):
+        raise ConfigError(f"device={device!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return device
+
+
+def pick_dtype(dtype, device):
+    """(dtype, why): 'auto' -> bfloat16 on a GPU that has it (Ampere and newer), else float32."""
+    import torch
+    if dtype not in DTYPES:
+        raise ConfigError(f'dtype={dtype!r}: expected one of {", ".join(DTYPES)}')
+    kind = torch.device(device).type
+    if dtype == 'float16' and kind != 'cuda':
+        raise ConfigError(f'dtype=float16 needs a CUDA device (its loss scaler is CUDA-only), got {device}')
+    if dtype != 'auto':
+        return dtype, 'set'
+    if kind == 'cuda' and torch.cuda.is_bf16_supported():
+        return 'bfloat16', 'auto: this GPU has bf16'
+    return 'float32', f'auto: {kind}'
+
+
+# dense bf16 peak FLOP/s by device name, for MFU (vendor data sheets, without sparsity)
+PEAK_FLOPS = [('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('A100', 312e12),
+              ('L40S', 362e12), ('L4', 121e12), ('A10G', 70e12), ('RTX 4090', 165e12), ('RTX 3090', 71e12)]
+
+
+def peak_flops(device):
+    """The bf16 peak of a CUDA device from PEAK_FLOPS, or None (CPU, MPS, a GPU not in the table: no MFU)."""
+    import torch
+    device = torch.device(device)
+    if device.type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)  # e.g. 'NVIDIA H100 80GB HBM3'; the first matching key wins
+    return next((f for key, f in PEAK_FLOPS if key in name), None)

@@ -9,14 +9,17 @@ same validation tokens, and write tables and plots. The families (FAMILIES below
   python compare.py --data_dir=data/sample --gpus=0,1,2,3 --max_iters=220 --eval_interval=20   # smaller
   python compare.py --family=finetune --gpus=0,1,2,3,4,5               # every arm of the conversion experiment
   python compare.py --report_only=True --out_dir=out-compare           # redo tables and plots from the logs
+  python compare.py --extra_configs=configs/corpus.py --data_dir=data/corpus --ablate=True   # docs/experiments.md
 
 Each run is `python train.py configs/<family>.py [extra_configs] configs/<family>_<run>.py --out_dir=...
 --seed=...` plus --data_dir if given and every key that compare.py does not know (--max_iters=...,
 --batch_size=...), one process per run; with --gpus, one run per listed GPU at a time. Every run's config is
 checked before the first one starts. A finished run is not trained again, so an interrupted comparison picks
-up where it stopped. Output in out_dir: results.md (each run's val loss at step 0 and at the end; the routing
-sharpness of each routed read), results.json, loss_curves.png, routing_<run>.png, routing_max.png (the plots
-need matplotlib).
+up where it stopped. What needs a run's checkpoint (its loss on each val file, its routing weights and, with
+--ablate, the importance of each source: routing.py) is measured once and kept in <run>/analysis.json, so the
+tables can be made again from the logs alone. Output in out_dir: results.md (each run's val losses; the routing
+sharpness of each routed read), results.json, loss_curves.png, routing_<run>.png, routing_max.png, and with
+--ablate importance_<run>.png (the plots need matplotlib).
 """
 
 import json
@@ -29,13 +32,13 @@ import time
 import torch
 
 import cli
+import routing
 import train
 from cli import ConfigError
-from model import routing_stats
 from prepare import list_shards, load_shard
 from sample import load_model
 
-RUNS = ['standard', 'ddl', 'ddl_dv4', 'attnres', 'attnres_block', 'delta', 'delta_block']
+RUNS = list(cli.VARIANTS)
 # the conversion experiment's arms: the first five fine-tune one pretrained standard model, the last is the control
 FINETUNE_RUNS = ['standard', 'delta_block', 'delta', 'attnres_block', 'attnres', 'delta_block_scratch']
 # family -> (its runs, those that get a second seed to show the run-to-run noise). A fine-tune draws nothing at
@@ -47,11 +50,14 @@ defaults = dict(
     data_dir='',                    # '' = each run's own, from its config files
     runs='',                        # '' = every run of the family
     seeds=1,                        # seeds per run ...
-    extra_seeds='auto',             # ... and these runs get a second seed; 'auto' = the family's
+    extra_seeds='auto',             # ... and one more for each time a run is named here; 'auto' = the family's
     extra_configs='',               # config files for every run, read after configs/<family>.py, before its own
     gpus='',                        # e.g. '0,1,2,3': one run per GPU at a time ('0,0': two on GPU 0); '' = one
     report_only=False,
     routing_tokens=16,              # sequences of val tokens over which the routing weights are averaged
+    extra_val='',                   # more val shards to measure every final model on, comma-separated
+    ablate=False,                   # routed runs: the rise in loss when each source is removed from each read
+    ablate_tokens=131_072,          # val tokens for it: one forward pass over them per (read, source) pair
 )
 
 
@@ -70,7 +76,8 @@ def parse(argv):
 
 def run_list(cfg):
     """[(variant, seed)]: seeds 1337, 1338, ... so that seed 1337 is common to all variants."""
-    seeds = {name: cfg['seeds'] + (name in cfg['extra_seeds'].split(',')) for name in cfg['runs'].split(',')}
+    extra = cfg['extra_seeds'].split(',')  # 'standard,standard,delta': two more seeds of standard, one of delta
+    seeds = {name: cfg['seeds'] + extra.count(name) for name in cfg['runs'].split(',')}
     return [(name, 1337 + k) for name in seeds for k in range(seeds[name])]
 
 
@@ -132,18 +139,49 @@ def finished(d):
     return bool(steps) and steps[-1]['step'] >= cfg['max_iters'] and steps[-1].get('val_loss') is not None
 
 
-@torch.no_grad()
-def mean_routing(model, val, n_seq):
-    """A final model on the first n_seq val sequences: the routing weights averaged over tokens (R, S), the
-    per-token largest weight averaged over tokens (R,), and the labels of reads and sources."""
-    T = model.config.block_size
-    idx = torch.from_numpy(val[:n_seq * T].astype('int64')).view(n_seq, T).to(next(model.parameters()).device)
-    w = model.routing_weights(idx)
-    return None if w is None else (w.mean((2, 3)).cpu(), routing_stats(w)[0].cpu(), *model.routing_labels())
+def val_batches(path, n_tokens, T, B, device):
+    """The first n_tokens of a val shard (whole sequences of T) as [(x, y)] batches of B sequences on device."""
+    val = load_shard(path)
+    n = min(n_tokens, len(val) - 1) // T
+    return [train.to_batch(val[i * T: min(i + B, n) * T + 1], T, device) for i in range(0, n, B)]
+
+
+def analyse(cfg, d, run_cfg, device):
+    """What a finished run's checkpoint tells, measured once and kept in <run>/analysis.json: the loss on each
+    val file, and for routed runs the mean weights (R, S), each read's largest weight and entropy, and with
+    --ablate the importance of each source to each read (routing.importance)."""
+    path = os.path.join(d, 'analysis.json')
+    if os.path.exists(path):
+        return json.load(open(path))
+    if not os.path.exists(os.path.join(d, 'ckpt.pt')):
+        return {}  # the logs alone: nothing more to say about this run
+    model, _ = load_model(os.path.join(d, 'ckpt.pt'), device)
+    T, B = run_cfg['block_size'], run_cfg['batch_size']
+    ctx = torch.autocast('cuda', torch.bfloat16) if device == 'cuda' else torch.autocast('cpu', enabled=False)
+    own = list_shards(run_cfg['data_dir'], 'val')[0]
+    out = dict(val={}, params=model.get_num_params(non_embedding=False))
+    with ctx:
+        for f in [own] + [f for f in cfg['extra_val'].split(',') if f]:
+            out['val'][os.path.basename(f)] = routing.mean_loss(model, val_batches(f, run_cfg['val_tokens'], T, B,
+                                                                                   device))
+        first = val_batches(own, cfg['routing_tokens'] * T, T, cfg['routing_tokens'], device)[0][0]
+        w = routing.weights(model, first)
+        if w is not None:
+            mx, ent = routing.stats(w)
+            dests, srcs = routing.labels(model)
+            out['routing'] = dict(weights=w.mean((2, 3)).tolist(), max_weight=mx.tolist(), entropy=ent.tolist(),
+                                  dests=dests, sources=srcs)
+            if cfg['ablate']:
+                imp = routing.importance(model, val_batches(own, cfg['ablate_tokens'], T, B, device))
+                out['importance'] = dict(loss=imp['loss'], drop=imp['drop'].tolist(),
+                                         term=None if imp['term'] is None else imp['term'].tolist())
+    with open(path, 'w') as f:
+        json.dump(out, f, indent=1)
+    return out
 
 
 def read_order(label):
-    """Where a routed read's label of routing_labels() stands in the model: 'L3.mlp' -> 7, 'final' last."""
+    """Where a routed read's label of routing.labels() stands in the model: 'L3.mlp' -> 7, 'final' last."""
     if label == 'final':
         return math.inf
     layer, sublayer = label[1:].split('.')  # 'L3.mlp' -> '3', 'mlp'
@@ -151,7 +189,7 @@ def read_order(label):
 
 
 def report(cfg):
-    rows, curves, routing = [], {}, {}
+    rows, curves, routes, analyses = [], {}, {}, {}
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     for name, seed in run_list(cfg):
         d = run_dir(cfg, name, seed)
@@ -161,50 +199,80 @@ def report(cfg):
             continue
         # tok/s over the last three quarters of the log lines: after warm-up and compilation
         timed = [s['tok_per_s'] for s in steps[len(steps) // 4:] if s.get('tok_per_s')]
-        model, _ = load_model(os.path.join(d, 'ckpt.pt'), device)
+        a = analyses[(name, seed)] = analyse(cfg, d, run_cfg, device)
+        mem = [s['peak_mem_mb'] for s in steps if s.get('peak_mem_mb')]
         rows.append(dict(run=name, seed=seed, val_loss=evals[-1]['val_loss'], tokens=evals[-1]['tokens'],
                          start_val_loss=evals[0]['val_loss'],  # step 0: the model as it was loaded or initialised
-                         tok_per_s=sum(timed) / max(len(timed), 1), params=model.get_num_params(non_embedding=False)))
+                         tok_per_s=sum(timed) / max(len(timed), 1), params=a.get('params'),
+                         peak_mem_mb=max(mem) if mem else None, val=a.get('val', {})))
         curves[(name, seed)] = [(s['tokens'], s['val_loss']) for s in evals]
-        if seed == 1337:  # one routing picture per variant, on the first val tokens of its data: the same for all
-            val = load_shard(list_shards(run_cfg['data_dir'], 'val')[0])
-            routing[name] = mean_routing(model, val, cfg['routing_tokens'])
-    base = [r['val_loss'] for r in rows if r['run'] == 'standard']  # differences are against the mean of its seeds
-    base = sum(base) / len(base) if base else None
-    lines = ['| run | seed | val loss at step 0 | val loss | perplexity | vs standard (mean) | tok/s | params |',
-             '|---|---|---|---|---|---|---|---|']
-    for r in rows:
-        diff = f'{r["val_loss"] - base:+.4f}' if base is not None else '-'
-        lines.append(f'| {r["run"]} | {r["seed"]} | {r["start_val_loss"]:.4f} | {r["val_loss"]:.4f} '
-                     f'| {math.exp(r["val_loss"]):.2f} | {diff} | {r["tok_per_s"]:,.0f} | {r["params"] / 1e6:.2f}M |')
-    # the routing sharpness of the final models: one row per routed read in model order, one column per run
-    routed = {name: dict(zip(v[2], v[1].tolist())) for name, v in routing.items() if v is not None}
-    if routed:
-        reads = sorted({read for maxw in routed.values() for read in maxw}, key=read_order)
-        lines += ['', f'Largest routing weight per token, mean over the first {cfg["routing_tokens"]} val sequences, '
-                      'after training ("-": the run has no such read):', '',
-                  '| read | ' + ' | '.join(routed) + ' |', '|---|' + '---|' * len(routed)]
-        lines += [f'| {read} | ' + ' | '.join(f'{maxw[read]:.3f}' if read in maxw else '-' for maxw in routed.values())
-                  + ' |' for read in reads]
-    table = '\n'.join(lines)
+        if seed == 1337 and 'routing' in a:  # one routing picture per variant, on the same first val tokens
+            routes[name] = a['routing']
+    table = '\n'.join(loss_table(rows) + routing_table(routes, cfg['routing_tokens']))
     print(table)
     os.makedirs(cfg['out_dir'], exist_ok=True)
     with open(os.path.join(cfg['out_dir'], 'results.md'), 'w') as f:
         f.write(table + '\n')
+    importance = {f'{k[0]}_s{k[1]}': dict(a['importance'], dests=a['routing']['dests'], sources=a['routing']['sources'],
+                                           weights=a['routing']['weights'])
+                  for k, a in analyses.items() if 'importance' in a}
     with open(os.path.join(cfg['out_dir'], 'results.json'), 'w') as f:
-        json.dump(dict(rows=rows, curves={f'{k[0]}_s{k[1]}': v for k, v in curves.items()},
-                       routing={k: dict(weights=v[0].tolist(), max_weight=v[1].tolist(), dests=v[2], sources=v[3])
-                                for k, v in routing.items() if v is not None}), f, indent=1)
-    plots(cfg['out_dir'], curves, routing)
+        json.dump(dict(rows=rows, curves={f'{k[0]}_s{k[1]}': v for k, v in curves.items()}, routing=routes,
+                       importance=importance), f, indent=1)
+    plots(cfg['out_dir'], curves, routes, importance)
 
 
-def plots(out_dir, curves, routing):
+def mean_std(xs):
+    """The mean and the sample standard deviation (0 for a single value)."""
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def loss_table(rows):
+    """One line per run: its val losses, the difference to the mean of standard's seeds and their spread, speed
+    and memory; then one line per variant with the mean over its seeds."""
+    vals = sorted({f for r in rows for f in r['val']})  # the val files measured besides the run's own val loss
+    std = [r['val_loss'] for r in rows if r['run'] == 'standard']
+    base, spread = mean_std(std) if std else (None, None)
+    lines = ['| run | seed | val loss at step 0 | val loss | ' + ''.join(f'{f} | ' for f in vals)
+             + 'vs standard | tok/s | peak memory | params |', '|---' * (8 + len(vals)) + '|']
+    for r in rows:
+        diff = f'{r["val_loss"] - base:+.4f}' if base is not None else '-'
+        mem = f'{r["peak_mem_mb"] / 1024:.1f} GiB' if r.get('peak_mem_mb') else '-'
+        params = f'{r["params"] / 1e6:.2f}M' if r.get('params') else '-'
+        lines.append(f'| {r["run"]} | {r["seed"]} | {r["start_val_loss"]:.4f} | {r["val_loss"]:.4f} | '
+                     + ''.join(f'{r["val"][f]:.4f} | ' if f in r['val'] else '- | ' for f in vals)
+                     + f'{diff} | {r["tok_per_s"]:,.0f} | {mem} | {params} |')
+    if base is not None:
+        lines += ['', f'Per variant, the mean over its seeds; standard\'s seeds spread by {spread:.4f} (sample std):',
+                  '', '| run | seeds | val loss | vs standard | spread of its seeds |', '|---|---|---|---|---|']
+        for name in dict.fromkeys(r['run'] for r in rows):
+            m, sd = mean_std([r['val_loss'] for r in rows if r['run'] == name])
+            n = sum(r['run'] == name for r in rows)
+            lines.append(f'| {name} | {n} | {m:.4f} | {m - base:+.4f} | {f"{sd:.4f}" if n > 1 else "-"} |')
+    return lines
+
+
+def routing_table(routes, n_seq):
+    """The routing sharpness of the final models: one row per routed read in model order, one column per run."""
+    maxw = {name: dict(zip(v['dests'], v['max_weight'])) for name, v in routes.items()}
+    if not maxw:
+        return []
+    reads = sorted({read for m in maxw.values() for read in m}, key=read_order)
+    lines = ['', f'Largest routing weight per token, mean over the first {n_seq} val sequences, '
+                 'after training ("-": the run has no such read):', '',
+             '| read | ' + ' | '.join(maxw) + ' |', '|---|' + '---|' * len(maxw)]
+    return lines + [f'| {read} | ' + ' | '.join(f'{m[read]:.3f}' if read in m else '-' for m in maxw.values())
+                    + ' |' for read in reads]
+
+
+def plots(out_dir, curves, routes, importance):
     try:
         from matplotlib.figure import Figure
     except ImportError:
         print('plots skipped: pip install matplotlib')
         return
-    from sample import save_heatmap_png
+    from sample import save_heatmap_png, save_importance_png
     fig = Figure(figsize=(13, 5))
     whole, end = fig.subplots(1, 2)
     for ax in (whole, end):
@@ -222,18 +290,18 @@ def plots(out_dir, curves, routing):
     fig = Figure(figsize=(10, 4))
     ax = fig.subplots()
     # one x position per read of the model, so that a read sits at the same place in every variant's line
-    reads = sorted({d for v in routing.values() if v is not None for d in v[2]}, key=read_order)
-    for name, v in routing.items():
-        if v is None:
-            continue
-        w, maxw, dests, srcs = v
-        save_heatmap_png(w, dests, srcs, os.path.join(out_dir, f'routing_{name}.png'), title=f'{name}: mean weights')
-        ax.plot([reads.index(d) for d in dests], maxw.tolist(), marker='o', label=name)
+    reads = sorted({d for v in routes.values() for d in v['dests']}, key=read_order)
+    for name, v in routes.items():
+        save_heatmap_png(v['weights'], v['dests'], v['sources'], os.path.join(out_dir, f'routing_{name}.png'),
+                         title=f'{name}: mean weights')
+        ax.plot([reads.index(d) for d in v['dests']], v['max_weight'], marker='o', label=name)
     ax.set_xticks(range(len(reads)), reads, rotation=90)
     ax.set(xlabel='routed read (destination sublayer)', ylabel='max weight per token (mean)', title='routing sharpness')
     ax.legend()
     ax.grid(alpha=0.3)
     fig.savefig(os.path.join(out_dir, 'routing_max.png'), dpi=120, bbox_inches='tight')
+    for run, imp in importance.items():
+        save_importance_png(imp, os.path.join(out_dir, f'importance_{run}.png'), title=run)
 
 
 def main(argv=None):

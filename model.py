@@ -101,15 +101,12 @@ class GPTConfig:
     res_block: int = 0       # attnres/delta: 0 routes over every sublayer output, S > 0 over sums of S sublayers
     ddl_dv: int = 1          # ddl: value channels of the state; 1 = a vector stream, >1 = a d x dv matrix
     delta_gate: bool = False  # delta: scale the routed term by a learnable scalar that starts at 0
-    route_impl: str = 'auto'  # attnres/delta/ddl: 'plain' (the code below), 'fused' (fastroute.py, fastddl.py), 'auto'
-                              # (fused on CUDA where it measured faster: see FusedRouted.fused, FusedDeepDelta.fused)
 
     def __post_init__(self):
         checks = [
             ('residual', self.residual in RESIDUALS, f'one of {RESIDUALS}'),
             ('res_block', self.res_block >= 0, 'an int >= 0 (0 = per sublayer, S > 0 = blocks of S sublayers)'),
             ('ddl_dv', self.ddl_dv >= 1, 'an int >= 1'),
-            ('route_impl', self.route_impl in ('auto', 'plain', 'fused'), "'auto', 'plain' or 'fused'"),
             ('gelu_approx', self.gelu_approx in ('none', 'tanh'), "'none' (exact) or 'tanh'"),
             ('n_embd', self.n_head > 0 and self.n_embd % self.n_head == 0, f'divisible by n_head={self.n_head}'),
             ('dropout', 0.0 <= self.dropout < 1.0, 'in [0, 1)'),
@@ -243,7 +240,8 @@ class Routed(nn.Module):
         self.query = nn.Parameter(torch.zeros(self.n_reads, d))  # zero: uniform weights at init (mandatory)
         self.key_gain = nn.Parameter(torch.ones(self.n_reads, d))
         self.gate = nn.Parameter(torch.zeros(self.n_reads)) if config.delta_gate else None
-        self.record = None  # a list while routing_weights() collects each read's weights
+        # diagnostics (routing.py) see each read's logits through this function, and may change them
+        self.probe = None
 
     def start(self, e):
         W = self.query * self.key_gain  # (R, d): every read's query with its key gain folded in
@@ -256,10 +254,9 @@ class Routed(nn.Module):
         srcs, logits = st['blocks'], [lg[..., r] for lg in st['logits']]  # column r: this read's logits
         if st['partial'] is not None:
             srcs, logits = srcs + [st['partial']], logits + [st['partial_logits'][..., r]]
-        mix, a = depth_route(srcs, logits)
-        if self.record is not None:
-            self.record.append((a.detach(), len(st['blocks'])))
-        return mix
+        if self.probe is not None:  # the finished sources are logits[:nb], the partial block (if any) last
+            logits = self.probe(r, logits, len(st['blocks']))
+        return depth_route(srcs, logits)[0]
 
     def read(self, st, s):
         if not self.additive:
@@ -306,18 +303,11 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():
             if pn.endswith('c_proj.weight'):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        # the variant goes last: the init above touches only Linear and Embedding modules, not its parameters
-        r, fuse = config.residual, config.route_impl != 'plain'
-        if r in ('attnres', 'delta') and fuse:
-            from fastroute import FusedRouted as Routing  # Routed's math and parameters, fused for the GPU
-        else:
-            Routing = Routed
-        if r == 'ddl' and fuse:  # DeepDelta's math and parameters, fused for the GPU; its backward
-            from fastddl import FusedDeepDelta  # recomputes c = ln(h), so it is given the pre-norms
-            self.stream = FusedDeepDelta(config, [norm for norm, _ in self.sublayers()])
-        else:
-            self.stream = (Standard() if r == 'standard' else DeepDelta(config) if r == 'ddl'
-                           else Routing(config, additive=(r == 'delta')))
+        # the variant goes last: the init above touches only Linear and Embedding modules, not its parameters.
+        # (fast/ swaps in a fused version of the same module, with the same parameters, from outside)
+        r = config.residual
+        self.stream = (Standard() if r == 'standard' else DeepDelta(config) if r == 'ddl'
+                       else Routed(config, additive=(r == 'delta')))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -370,40 +360,6 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
-
-    # ------------------------------------------------------------------------------------------------------
-    # Routing diagnostics
-
-    @torch.no_grad()
-    def routing_weights(self, idx):
-        """The softmax weights of every routed read for the tokens idx, from the same forward code, as a
-        (R, S, B, T) tensor: R reads, S sources as named by routing_labels(), zero where a source is not
-        visible to a read. In the block forms the current partial block always goes in the last column.
-        None for the variants without routing."""
-        if not isinstance(self.stream, Routed):
-            return None
-        self.stream.record = []  # Routed._route appends (weights, number of finished sources) to it
-        try:
-            self.forward(idx)  # forward, not __call__: eager even after model.compile()
-            record = self.stream.record
-        finally:
-            self.stream.record = None
-        B, T = idx.shape
-        w = torch.zeros(len(record), len(self.routing_labels()[1]), B, T)
-        for r, (a, nb) in enumerate(record):
-            w[r, :nb] = a[:nb]          # the embedding and the finished blocks, in order
-            if a.size(0) > nb:
-                w[r, -1] = a[nb]        # the partial block
-        return w
-
-    def routing_labels(self):
-        """Names of the reads (rows) and the sources (columns) of routing_weights(), for tables and pictures."""
-        L2, S, additive = 2 * self.config.n_layer, self.stream.S, self.stream.additive
-        name = lambda s: f'L{s // 2}.{"attn" if s % 2 == 0 else "mlp"}'
-        dests = [name(s) for s in range(1, L2)] if additive else [name(s) for s in range(L2)] + ['final']
-        nb = (L2 - 1 if additive else L2) // S  # blocks finished before the last read
-        srcs = [name(s) for s in range(nb)] if S == 1 else [f'blk{b + 1}' for b in range(nb)] + ['partial']
-        return dests, ['emb'] + srcs
 
     # ------------------------------------------------------------------------------------------------------
     # Training helpers
@@ -470,24 +426,3 @@ def _num_sources(s, S):
     """Sources seen by the read before sublayer s (s = 2L for the final read): the embedding, one per
     finished block, and the current partial block if it has started."""
     return 1 + s // S + (1 if s % S else 0)
-
-
-def routing_stats(w):
-    """Per read: the mean over tokens of the largest routing weight and of the entropy (nats).
-    w: (R, S, B, T) from GPT.routing_weights. Returns two (R,) tensors."""
-    ent = -(w * torch.log(w.clamp_min(1e-12))).sum(1)  # (R, B, T); zero-padded sources contribute 0
-    return w.max(1).values.mean((1, 2)), ent.mean((1, 2))
-
-
-# dense bf16 peak FLOP/s by device name, for MFU (vendor data sheets, without sparsity)
-PEAK_FLOPS = [('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('A100', 312e12),
-              ('L40S', 362e12), ('L4', 121e12), ('A10G', 70e12), ('RTX 4090', 165e12), ('RTX 3090', 71e12)]
-
-
-def peak_flops(device):
-    """The bf16 peak of a CUDA device from PEAK_FLOPS, or None (CPU, MPS, a GPU not in the table)."""
-    device = torch.device(device)
-    if device.type != 'cuda':
-        return None
-    name = torch.cuda.get_device_name(device)  # e.g. 'NVIDIA H100 80GB HBM3'; the first matching key wins
-    return next((f for key, f in PEAK_FLOPS if key in name), None)

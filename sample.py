@@ -5,10 +5,13 @@ Sample from a trained model, and show how a routed variant mixes its residual st
   python sample.py --out_dir=out --start=FILE:prompt.txt --temperature=0.7 --top_k=50 --seed=42
   python sample.py --ckpt=runs/delta/ckpt.pt --num_samples=0 --routing_png=routing.png   # only the routing
   python sample.py --init_from=gpt2 --start="The meaning of life is"    # OpenAI's GPT-2 (or gpt2-medium, a folder)
+  python sample.py --out_dir=out --num_samples=0 --ablate=data/x/x_val_000000.bin --routing_png=imp.png
 
 For 'attnres' and 'delta' models the routing weights of the prompt are printed as a heatmap: one row per
 routed read (the sublayer it feeds, or 'final'), one column per source it can attend to (the embedding, earlier
 sublayer outputs or blocks), each weight averaged over the prompt's tokens, so every row sums to 1.
+With --ablate=SHARD a second table shows what each source is worth to each read: the rise in loss on the first
+ablate_tokens of that shard when the source is removed from the read (routing.importance), weights beside it.
 """
 
 import os
@@ -20,8 +23,10 @@ import torch
 
 import cli
 import gpt2_weights
-from model import GPT, GPTConfig, routing_stats
-from train import ConfigError, load_checkpoint
+import routing
+from model import GPT, GPTConfig
+from train import ConfigError, load_checkpoint, to_batch
+from prepare import ShardError, load_shard
 
 DEFAULTS = dict(
     out_dir='out',        # the run to sample from: <out_dir>/ckpt.pt as written by train.py
@@ -37,6 +42,8 @@ DEFAULTS = dict(
     dtype='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32',
     routing=True,         # print the prompt's routing weights (attnres and delta; the others have none)
     routing_png='',       # also save the heatmap to this PNG file (needs matplotlib)
+    ablate='',            # a val shard: measure each source's importance to each read on it (slow: a pass a pair)
+    ablate_tokens=65_536,  # the tokens of that shard it uses
 )
 SHADES = ' .:-=+*#%@'  # 10 levels; ' ' only for a weight of exactly 0 (a source the read cannot see)
 
@@ -50,7 +57,8 @@ def load_model(path, device):
     except ConfigError as e:
         raise SystemExit(f'error: {e}') from None
     try:
-        model = GPT(GPTConfig(**ckpt['model_args']))
+        # GPTConfig's fields only: a checkpoint of an older train.py also stored route_impl there
+        model = GPT(GPTConfig(**{k: v for k, v in ckpt['model_args'].items() if k in GPTConfig.__dataclass_fields__}))
         model.load_state_dict(ckpt['model'], strict=True)  # the variant it was trained as: every key must fit
     except Exception as e:  # weights that do not fit their model_args
         why = ' '.join(str(e).split())[:800]  # torch's messages span lines and can list hundreds of keys
@@ -79,7 +87,7 @@ def decode(enc, ids):
 def format_heatmap(matrix, row_labels, col_labels, stats=None, vmax=None):
     """A (R, S) matrix of weights as a terminal heatmap: a row per label, a 2-character cell per column shaded
     with SHADES from ' ' (0) to '@' (vmax, default the largest weight); column labels run downwards above their
-    cells. stats = (max_w, entropy) from model.routing_stats adds those two numbers to each row."""
+    cells. stats = (max_w, entropy) from routing.stats adds those two numbers to each row."""
     m = [[float(v) for v in row] for row in matrix]
     vmax = vmax or max(max(row) for row in m) or 1.0
     rw, ch = max(map(len, row_labels)), max(map(len, col_labels))
@@ -114,6 +122,28 @@ def save_heatmap_png(matrix, row_labels, col_labels, path, title='', vmax=None):
     ax.set(xlabel='source', ylabel='destination (routed read)', title=title)
     fig.colorbar(im, ax=ax, label='weight')
     fig.savefig(path, dpi=150, bbox_inches='tight')
+
+
+def save_importance_png(imp, path, title=''):
+    """Weights and importance side by side: imp has 'weights' and 'drop' (R, S), 'dests', 'sources', and for
+    Delta 'term' (R,), the rise in loss without a read's whole routed term."""
+    from matplotlib.figure import Figure
+    nan = float('nan')
+    panels = [('mean weight', imp['weights']), ('loss rise without the source', imp['drop'])]
+    if imp.get('term'):
+        panels.append(('... without the routed term', [[t] for t in imp['term']]))
+    fig = Figure(figsize=(4 + 0.35 * len(imp['sources']) * 2, 1.5 + 0.3 * len(imp['dests'])))
+    axes = fig.subplots(1, len(panels), width_ratios=[len(p[1][0]) + 2 for p in panels])
+    for ax, (name, m) in zip(axes, panels):
+        m = [[nan if v is None else v for v in row] for row in m]
+        im = ax.imshow(m, cmap='viridis', aspect='auto')
+        cols = ['term'] if len(m[0]) == 1 else imp['sources']
+        ax.set_xticks(range(len(cols)), cols, rotation=90)
+        ax.set_yticks(range(len(imp['dests'])), imp['dests'] if ax is axes[0] else [])
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=130, bbox_inches='tight')
 
 
 def main(argv=None):
@@ -156,24 +186,54 @@ def main(argv=None):
             print('---------------')
         # the prompt's last block_size tokens: a longer prompt averages the weights over more tokens
         show = c.routing or bool(c.routing_png)
-        w = model.routing_weights(x[:, -mc.block_size:]) if show else None
+        w = routing.weights(model, x[:, -mc.block_size:]) if show else None
     if not show:
         return
     if w is None:  # 'standard' and 'ddl' have a single stream: nothing is routed
         print(f"routing: the '{mc.residual}' variant has no routing weights (only attnres and delta route)")
         return
     m = w.mean((2, 3)).cpu()  # (R, S, B, T) -> (R, S): the weights averaged over the prompt's tokens
-    rows, cols = model.routing_labels()
+    rows, cols = routing.labels(model)
     T = w.size(3)
     title = f'{mc.residual} routing (res_block={mc.res_block}), mean over {T} prompt token' + 's' * (T > 1)
     print(f'{title}; rows: destination, columns: source')
-    print(format_heatmap(m, rows, cols, stats=routing_stats(w.cpu())))
+    print(format_heatmap(m, rows, cols, stats=routing.stats(w)))
+    imp = ablate(model, c, ctx) if c.ablate else None
     if c.routing_png:
         try:
-            save_heatmap_png(m, rows, cols, c.routing_png, title)
+            if imp:
+                save_importance_png(dict(imp, weights=m.tolist()), c.routing_png, title)
+            else:
+                save_heatmap_png(m, rows, cols, c.routing_png, title)
         except (ImportError, OSError) as e:
             raise SystemExit(f'cannot save {c.routing_png}: {e}') from None
         print(f'saved {c.routing_png}')
+
+
+def ablate(model, c, ctx):
+    """Print, per read, the rise in loss (in thousandths of a nat) when each source is removed from it, measured on
+    the first ablate_tokens of the shard c.ablate; return it as lists for save_importance_png."""
+    T = model.config.block_size
+    try:
+        val = load_shard(c.ablate)
+    except ShardError as e:
+        raise SystemExit(f'error: --ablate: {e}') from None
+    n = min(c.ablate_tokens, len(val) - 1) // T
+    if n == 0:
+        raise SystemExit(f'error: --ablate: {c.ablate} has {len(val):,} tokens, fewer than block_size + 1 = {T + 1}')
+    batches = [to_batch(val[i * T: min(i + 8, n) * T + 1], T, c.device) for i in range(0, n, 8)]
+    with ctx:
+        imp = routing.importance(model, batches)
+    rows, cols = routing.labels(model)
+    print(f'importance on {n * T:,} tokens of {c.ablate} (loss {imp["loss"]:.4f}): the rise in loss, x1000, '
+          'when a source is removed from a read' + (' (term: the whole routed term)' if imp['term'] is not None
+                                                    else ''))
+    print(' ' * 9 + ''.join(f'{col:>9}' for col in cols) + ('     term' if imp['term'] is not None else ''))
+    for r, row in enumerate(imp['drop'].tolist()):
+        cells = ''.join('        .' if v != v else f'{1000 * v:9.2f}' for v in row)  # v != v: NaN, not visible
+        print(f'{rows[r]:>9}{cells}' + (f'{1000 * imp["term"][r].item():9.2f}' if imp['term'] is not None else ''))
+    return dict(drop=imp['drop'].tolist(), term=None if imp['term'] is None else imp['term'].tolist(),
+                dests=rows, sources=cols)
 
 
 if __name__ == '__main__':

@@ -36,16 +36,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import cli
+import fast
 import gpt2_weights
+import routing
 from cli import ConfigError
-from model import GPT, GPTConfig, peak_flops, routing_stats
+from model import GPT, GPTConfig
 from prepare import ShardError, list_shards, load_shard
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 124M on FineWeb 10B, one GPU
 
 @dataclass
-class Config:
+class Config(GPTConfig):  # the model's fields (model.py) come first, then these
     # I/O
     out_dir: str = 'out'
     data_dir: str = 'data/fineweb10B'  # *_train_*.bin and *_val_*.bin shards from prepare.py
@@ -55,20 +57,7 @@ class Config:
     eval_iters: int = 0            # cap on val batches per rank, for a quick look; 0 = the whole val set
     val_tokens: int = 10_485_760   # val set = the first tokens of the val shard (as the speedrun); fewer if short
     log_interval: int = 10         # steps between lines of log.jsonl
-    # model: the fields of model.GPTConfig
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50304        # GPT-2's 50257 padded up to a multiple of 64
-    dropout: float = 0.0
-    bias: bool = False
-    gelu_approx: str = 'none'      # 'none' = exact GELU; 'tanh' = GPT-2's approximation (set by init_from=gpt2)
-    residual: str = 'standard'     # 'standard', 'ddl', 'attnres' or 'delta'
-    res_block: int = 0             # attnres/delta: 0 routes over every sublayer, S > 0 over blocks of S sublayers
-    ddl_dv: int = 1                # ddl: value channels of the state (1 = a vector stream)
-    delta_gate: bool = False       # delta: the routed term is scaled by a learned gate that starts at 0
-    route_impl: str = 'auto'       # attnres/delta/ddl: 'plain' (model.py), 'fused' (fastroute/fastddl.py), 'auto' (where faster)
+    route_impl: str = 'auto'       # attnres/delta/ddl: 'plain' (model.py), 'fused' (fast/), 'auto' (fused where faster)
     # batch: tokens per step = batch_size * block_size * grad accumulation * world size
     total_batch_size: int = 524_288  # 2**19 tokens per optimizer step, GPT-2 124M's batch in llm.c
     batch_size: int = 16           # micro-batch per rank, in sequences; lower it if memory runs out
@@ -97,26 +86,6 @@ BACKBONE_KEYS = ['n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'bia
 DEFAULTS = asdict(Config())  # every key and its default, whose type a value given for the key must have
 
 
-def read_config_file(path):
-    """The `name = value` lines of a config file, as [(name, value, 'file:line')]. Nothing is executed."""
-    try:  # parsed, never run: a config file cannot import, call, or set anything but known keys
-        with open(path) as f:
-            tree = ast.parse(f.read(), path)
-    except OSError as e:
-        raise ConfigError(f'cannot read config file {path}: {e.strerror}') from None
-    except SyntaxError as e:
-        raise ConfigError(f'{path}:{e.lineno}: syntax error: {e.msg}') from None
-    out = []
-    for node in tree.body:
-        where = f'{path}:{node.lineno}'
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            continue  # a docstring
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise ConfigError(f'{where}: a config file holds only `name = value` lines, got `{ast.unparse(node)}`')
-        out.append((node.targets[0].id, cli.literal(node.value, where), where))
-    return out
-
-
 def parse_config(argv, base=None):
     """The Config given by base (a dict such as a checkpoint's config; None = the defaults), then by argv's
     config files and --key=value overrides in order. Raises ConfigError naming the file or argument at fault."""
@@ -126,12 +95,16 @@ def parse_config(argv, base=None):
             key, value = cli.override(arg, DEFAULTS)
             cfg[key] = value
             continue
-        for key, value, where in read_config_file(arg):
+        for key, value, where in cli.read_config_file(arg):
             cfg[key] = cli.check(key, value, DEFAULTS, where)
-    c = Config(**cfg)
-    # values that type-check but make no sense; the model's own fields are checked by GPTConfig below
+    try:
+        c = Config(**cfg)  # GPTConfig checks the model's fields: e.g. residual='resnet'
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # values that type-check but make no sense
     checks = [('lr_schedule', c.lr_schedule in ('cosine', 'wsd'), "'cosine' or 'wsd'"),
-              ('dtype', c.dtype in ('auto', 'float32', 'bfloat16', 'float16'), 'auto, float32, bfloat16 or float16'),
+              ('dtype', c.dtype in cli.DTYPES, ', '.join(cli.DTYPES)),
+              ('route_impl', c.route_impl in fast.IMPLS, ', '.join(fast.IMPLS)),
               ('cooldown_frac', 0 <= c.cooldown_frac <= 1, 'in [0, 1]')]
     checks += [(k, getattr(c, k) > 0, '> 0') for k in
                ('batch_size', 'total_batch_size', 'eval_interval', 'log_interval', 'val_tokens')]
@@ -139,10 +112,6 @@ def parse_config(argv, base=None):
     for key, ok, expected in checks:
         if not ok:
             raise ConfigError(f'{key}={getattr(c, key)!r}: expected {expected}')
-    try:
-        GPTConfig(**model_args(c))  # e.g. residual='resnet' or n_embd not divisible by n_head
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     return c
 
 
@@ -423,7 +392,7 @@ def log_step(line):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if '-h' in argv or '--help' in argv:
-        print(__doc__ + '\n' + inspect.getsource(Config))
+        print(__doc__ + '\n' + inspect.getsource(GPTConfig) + '\n' + inspect.getsource(Config))
         return
     ddp = 'RANK' in os.environ  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
     progress.step = progress.saved_at = None
@@ -459,8 +428,7 @@ def train(argv, ddp):
 
     # device and precision. Under torchrun: one process per GPU (NCCL), or CPU processes (gloo)
     rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
-    device = cfg.device if cfg.device != 'auto' else (
-        'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu')
+    device = cli.pick_device(cfg.device)
     if ddp and device.startswith('cuda'):
         device = f'cuda:{local_rank}'  # one GPU per process
         torch.cuda.set_device(device)
@@ -470,12 +438,7 @@ def train(argv, ddp):
             raise ConfigError(f'device={device}: DDP runs on cuda (NCCL) or cpu (gloo)')
         dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
     master, say = rank == 0, (tqdm.write if rank == 0 else lambda *a: None)  # rank 0 prints, logs and saves
-    dtype, why = cfg.dtype, 'set'
-    if cfg.dtype == 'auto':
-        bf16 = device_type == 'cuda' and torch.cuda.is_bf16_supported()  # Ampere and newer
-        dtype, why = ('bfloat16', 'auto: this GPU has bf16') if bf16 else ('float32', f'auto: {device_type}')
-    if dtype == 'float16' and device_type != 'cuda':
-        raise ConfigError(f'dtype=float16 needs a CUDA device (its loss scaler is CUDA-only), got {device}')
+    dtype, why = cli.pick_dtype(cfg.dtype, device)
     # autocast runs the matmuls in bf16/fp16 while weights and optimizer state stay fp32. fp16 also needs
     # a loss scaler against gradient underflow; disabled, the scaler does nothing
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
@@ -533,6 +496,18 @@ def train(argv, ddp):
         say(f'init_from={cfg.init_from}: {src["found"]}; backbone loaded; at init: {", ".join(left) or "nothing"}; '
             f'train data from {data}')
     model.to(device)
+    # the fast paths and compilation, applied to the built model from outside. fast.apply replaces the stream's
+    # parameters, so it comes before the optimizer is made. raw_model stays the module whose state_dict has
+    # no '_orig_mod.' or 'module.' in its keys (compile is in place; DDP wraps it below)
+    fused = fast.apply(model, cfg.route_impl)
+    raw_model, compiled = model, 'off'
+    if cfg.compile and device_type != 'cuda':
+        compiled = f'off ({device_type} runs eager)'
+    elif cfg.compile and (sys.platform == 'win32' or find_spec('triton') is None):  # compile needs triton on CUDA
+        compiled = 'off (no triton: not installed, or Windows; running eager)'
+    elif cfg.compile:
+        model.compile()
+        compiled = 'on'
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            device_type, cfg.routing_lr_mult)
     step = tokens = 0
@@ -551,23 +526,14 @@ def train(argv, ddp):
     resumed_at = saved_at = step if ckpt else None
     del ckpt, src, loaded  # free the CPU copies of the weights
 
-    # compile and wrap. raw_model stays the plain module: its state_dict has no '_orig_mod.' or 'module.'
-    raw_model, compiled = model, 'off'
-    if cfg.compile and device_type != 'cuda':
-        compiled = f'off ({device_type} runs eager)'
-    elif cfg.compile and (sys.platform == 'win32' or find_spec('triton') is None):  # compile needs triton on CUDA
-        compiled = 'off (no triton: not installed, or Windows; running eager)'
-    elif cfg.compile:
-        model.compile()  # in place: the state_dict keeps its names, raw_model is compiled too
-        compiled = 'on'
     eval_model = model  # eval needs no DDP wrapper: there are no gradients to synchronise
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
     # what this run is, derived: printed once, before the first step
-    peak = peak_flops(device)  # dense bf16 FLOP/s of this GPU; None on CPU, MPS or an unknown GPU (no MFU)
+    peak = cli.peak_flops(device)  # dense bf16 FLOP/s of this GPU; None on CPU, MPS or an unknown GPU (no MFU)
     gpu = f' ({torch.cuda.get_device_name(device)})' if device_type == 'cuda' else ''
-    say(f'device {device}{gpu} x {world}; dtype {dtype} ({why}); compile {compiled}')
+    say(f'device {device}{gpu} x {world}; dtype {dtype} ({why}); compile {compiled}; routing {fused}')
     say(f'model: residual={cfg.residual}, {raw_model.get_num_params() / 1e6:.2f}M parameters, '
         f'{raw_model.flops_per_token() / 1e6:,.1f} MFLOP/token; peak {f"{peak:.3g} FLOP/s" if peak else "unknown"}')
     say(f'batch: {cfg.total_batch_size:,} tokens/step = {cfg.batch_size} B x {cfg.block_size} T x {accum} accum x '
@@ -611,10 +577,10 @@ def train(argv, ddp):
             rec['val_loss'] = val_loss
             raw_model.eval()
             with ctx:
-                w = raw_model.routing_weights(x_routing) if master else None  # None for standard and ddl
+                w = routing.weights(raw_model, x_routing) if master else None  # None for standard and ddl
             raw_model.train()
             if w is not None:  # how sharp each routed read is: its largest weight and its entropy (nats)
-                rec['routing_max'], rec['routing_entropy'] = (t.tolist() for t in routing_stats(w))
+                rec['routing_max'], rec['routing_entropy'] = (t.tolist() for t in routing.stats(w))
 
         # a line of log.jsonl at each logged step. tok/s and MFU count only training time since the last line.
         # It is on disk before this step's checkpoint is: a resumed run does not redo its checkpoint's step

@@ -1,6 +1,6 @@
 """
 Fused Deep Delta Learning: model.DeepDelta's delta rule, one kernel per sublayer write each way, organised
-around the GPU's memory bandwidth. model.py stays the reference; this file is what `route_impl='fused'`
+around the GPU's memory bandwidth. model.py stays the reference; this file is what `fast.apply(model, 'fused')`
 (anywhere) or `'auto'` (on CUDA) runs for `residual='ddl'`, and tests/test_fastddl.py holds it to the
 reference, forward and every gradient.
 
@@ -23,7 +23,7 @@ c is not kept either: the backward needs it only for w_b's gradient, and recompu
 sublayer's LayerNorm parameters, which is why the fused stream is given the norms.
 
 How autograd is made to run the writes' backward in order, newest first, with the state buffer between
-them: as in fastroute.py, every op takes and returns a 0-dim token tensor chained in forward order, so the
+them: as in fast/route.py, every op takes and returns a 0-dim token tensor chained in forward order, so the
 backward of write s runs only after the backward of write s + 1. The ops are registered with
 torch.library, so torch.compile keeps each as one call in the model's graph and fuses what is around it.
 Kernels: Triton on CUDA (and on CPU under TRITON_INTERPRET=1, for tests); elsewhere the same math in torch.
@@ -32,7 +32,7 @@ Kernels: Triton on CUDA (and on CPU under TRITON_INTERPRET=1, for tests); elsewh
 import torch
 from torch.nn import functional as F
 
-from fastroute import Ops, use_triton
+from fast.route import Ops, use_triton
 from model import DeepDelta, LayerNorm, wide
 
 try:
@@ -47,11 +47,11 @@ EPS_K = DeepDelta.eps_k
 
 class FusedDeepDelta(DeepDelta):
     """model.DeepDelta with the fused write: the same parameters, the same math. Falls back to DeepDelta's
-    own code where the fused path is not used (route_impl='auto' off CUDA)."""
+    own code where the fused path is not used (impl='auto' off CUDA)."""
 
-    def __init__(self, config, norms):
+    def __init__(self, config, norms, impl):
         super().__init__(config)
-        self.impl = config.route_impl
+        self.impl = impl
         # the pre-norm of each sublayer, to recompute c in the backward. A plain list: the modules belong
         # to the transformer blocks, so they are not registered (nor saved) a second time here
         self.norms = norms
@@ -61,7 +61,7 @@ class FusedDeepDelta(DeepDelta):
     def fused(self, e):
         # 'auto': on CUDA for dv > 1. Measured on an H100 at GPT-2 124M, the fused dv = 4 step is 1.47x the
         # standard one against 2.22x compiled plain; at dv = 1 the compiled plain step (1.06x), where the
-        # compiler fuses the write with the LayerNorms around it, beats a separate kernel (README, Performance)
+        # compiler fuses the write with the LayerNorms around it, beats a separate kernel (docs/performance.md)
         return self.impl == 'fused' or (self.impl == 'auto' and e.is_cuda and self.dv > 1)
 
     def start(self, e):

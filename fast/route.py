@@ -1,7 +1,7 @@
 """
 Fused routing for Attention Residuals and Delta Attention Residuals: the math of model.Routed and
 model.depth_route, organised around the GPU's memory bandwidth. model.py stays the reference; this file is
-what `route_impl='fused'` (anywhere) or `'auto'` (on CUDA, per-sublayer forms) runs, and
+what `fast.apply(model, 'fused')` (anywhere) or `'auto'` (on CUDA, per-sublayer forms) runs, and
 tests/test_fastroute.py holds it to the reference, forward and every gradient.
 
 What the plain path costs, and what this one does instead (per token, d wide, n sources at a read):
@@ -47,11 +47,11 @@ EPS = 1e-6  # source_logits' epsilon in the RMS of a key
 
 class FusedRouted(Routed):
     """model.Routed with the fused path: the same parameters, the same math. Falls back to Routed's own
-    code where the fused path is not used (route_impl='auto' off CUDA, or while routing_weights records)."""
+    code where the fused path is not used (impl='auto' off CUDA, or while routing.py probes the logits)."""
 
-    def __init__(self, config, additive):
+    def __init__(self, config, additive, impl):
         super().__init__(config, additive)
-        self.impl = config.route_impl
+        self.impl = impl
         # The plan, fixed by the config: slot 0 is the embedding, slot s + 1 the partial (or finished) block
         # after sublayer s's write. A slot is read by a contiguous range of reads [r0, r1): every later
         # read once its block is finished, only the next read while it is a partial block.
@@ -73,9 +73,9 @@ class FusedRouted(Routed):
     def fused(self, e):
         # 'auto': on CUDA for the per-sublayer forms only. Measured on an H100 at GPT-2 124M, the fused path
         # is as fast or faster there and compiles in a fifth of the time; in block form (<= 5 sources a
-        # read) torch.compile's own fusion of the plain path is faster (README, Performance)
+        # read) torch.compile's own fusion of the plain path is faster (docs/performance.md)
         auto = e.is_cuda and self.S == 1
-        return self.record is None and (self.impl == 'fused' or (self.impl == 'auto' and auto))
+        return self.probe is None and (self.impl == 'fused' or (self.impl == 'auto' and auto))
 
     def start(self, e):
         if not self.fused(e):
@@ -153,7 +153,7 @@ class Router:
 class Ops:
     """A torch.library namespace of ops, defined once per process. A second import of the file that defines
     them (a tool that reloads the project's modules, as exercises.py's grader does) finds them there, and
-    shares their registry (the per-stream state the ops find by an int key). fastddl.py uses it too."""
+    shares their registry (the per-stream state the ops find by an int key). fast/ddl.py uses it too."""
 
     def __init__(self, ns, schemas):
         ops = getattr(torch.ops, ns)

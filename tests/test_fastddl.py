@@ -1,4 +1,4 @@
-"""fastddl.py against model.DeepDelta: the fused write, forward and every gradient, in float64 on the CPU
+"""fast/ddl.py against model.DeepDelta: the fused write, forward and every gradient, in float64 on the CPU
 (torch versions of the kernels, and the Triton kernels under the interpreter), and in bf16 on a GPU."""
 
 import os
@@ -8,9 +8,17 @@ import sys
 import pytest
 import torch
 
+import fast
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def built(impl, **cfg):
+    """GPT(GPTConfig(**cfg)) with the DDL write of impl ('plain', 'fused', 'auto'), applied as train.py does."""
+    model = GPT(GPTConfig(**cfg))
+    fast.apply(model, impl)
+    return model
 
 
 def pair(dtype=torch.float64, bias=False, **kw):
@@ -18,12 +26,12 @@ def pair(dtype=torch.float64, bias=False, **kw):
     gradient is zero by symmetry: random compressors, conv taps and gates)."""
     cfg = dict(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64, residual='ddl', bias=bias, **kw)
     torch.manual_seed(0)
-    plain = GPT(GPTConfig(route_impl='plain', **cfg)).to(dtype)
+    plain = built('plain', **cfg).to(dtype)
     with torch.no_grad():
         for n, p in plain.named_parameters():
             if n.startswith('stream.') or 'ln' in n:
                 p.add_(0.3 * torch.randn_like(p))
-    fused = GPT(GPTConfig(route_impl='fused', **cfg)).to(dtype)
+    fused = built('fused', **cfg).to(dtype)
     fused.load_state_dict(plain.state_dict())
     return plain, fused
 
@@ -46,7 +54,7 @@ def test_fused_matches_plain_float64(dv, bias):
     for n in gp:  # every parameter: backbone, w_b, b_b, w_v, b_v, compressors, embedding conv
         assert gf[n] is not None, n
         torch.testing.assert_close(gf[n], gp[n], rtol=1e-10, atol=1e-12, msg=n)
-    assert all(v is None for v in __import__('fastddl').STREAMS.values())  # the state buffers are freed
+    assert all(v is None for v in __import__('fast.ddl').ddl.STREAMS.values())  # the state buffers are freed
 
 
 def rel_err(a, b):
@@ -56,7 +64,7 @@ def rel_err(a, b):
 def test_fused_falls_back_to_plain_off_cuda():
     """'auto' on the CPU runs DeepDelta's own code (no ops, no state buffers), with the same result."""
     plain, fused = pair(ddl_dv=4)
-    auto = GPT(GPTConfig(**{**fused.config.__dict__, 'route_impl': 'auto'})).double()
+    auto = built('auto', **fused.config.__dict__).double()
     auto.load_state_dict(plain.state_dict())
     assert not auto.stream.fused(torch.zeros(1))
     st = auto.stream.start(torch.zeros(1, 2, 32, dtype=torch.float64))
@@ -68,7 +76,7 @@ def test_fused_falls_back_to_plain_off_cuda():
 def test_state_rebuilt_backwards_is_the_forward_state():
     """The backward runs the delta rule in reverse, X = X' - k u^T: after the whole backward the state
     buffer holds X_0 again (up to float64 rounding), and the step's State is let go."""
-    import fastddl
+    from fast import ddl as fastddl
     _, fused = pair(ddl_dv=4)
     idx = torch.randint(0, 64, (2, 16))
     e = fused.transformer.wte(idx) + fused.transformer.wpe(torch.arange(16))
@@ -82,7 +90,8 @@ def test_state_rebuilt_backwards_is_the_forward_state():
 
 
 INTERPRET = """
-import torch, fastddl
+import torch
+from fast import ddl as fastddl
 from tests.test_fastddl import pair, run, rel_err
 assert fastddl.use_triton(torch.zeros(1))
 for dv, bias in ((1, False), (4, True), (3, False)):
@@ -97,7 +106,7 @@ print('ok')
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(__import__('fastddl').triton is None, reason='triton is not installed')
+@pytest.mark.skipif(__import__('fast.ddl').ddl.triton is None, reason='triton is not installed')
 def test_triton_kernels_under_the_interpreter():
     """The Triton kernels themselves, on the CPU: n_embd=32 with dv=3 also exercises the masked state rows
     (3 of 4), and the backward's programs each sum their share of the 32 tokens."""
@@ -127,12 +136,12 @@ def test_fused_on_gpu_bf16_against_float64(dv):
     may be at most 2x the plain path's error plus 2e-3 (bf16's relative rounding is 2^-9 = 2e-3)."""
     cfg = dict(n_layer=4, n_head=4, n_embd=256, block_size=64, vocab_size=512, residual='ddl', ddl_dv=dv)
     torch.manual_seed(0)
-    ref = GPT(GPTConfig(route_impl='plain', **cfg)).double().cuda()
+    ref = built('plain', **cfg).double().cuda()
     idx = torch.randint(0, 512, (4, 64), device='cuda')
     lr, gr = run(ref, idx)
     errs = {}
     for impl in ('plain', 'fused'):
-        model = GPT(GPTConfig(route_impl=impl, **cfg)).cuda()
+        model = built(impl, **cfg).cuda()
         model.load_state_dict(ref.state_dict())
         with torch.autocast('cuda', dtype=torch.bfloat16):
             loss, grads = run(model, idx)

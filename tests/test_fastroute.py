@@ -1,4 +1,4 @@
-"""The fused routing of fastroute.py against model.py's plain Routed: forward values and every gradient.
+"""The fused routing of fast/route.py against model.py's plain Routed: forward values and every gradient.
 On CPU the fused path runs its torch kernels (float64 here, so any difference is a bug, not rounding); its
 Triton kernels run under Triton's interpreter when triton is installed; on a GPU, in bf16 against float64."""
 
@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastroute
+import fast
+import routing
+from fast import route as fastroute
 from model import GPT, GPTConfig, Routed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,8 +31,8 @@ CASES = {  # n_layer=3: 6 sublayers, so blocks of 4 and 5 end with a partial blo
 def build(impl, n_layer=3, n_embd=32, seed=0, **kw):
     """A model with random routing parameters (queries far from zero: the softmax is far from uniform)."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=16, vocab_size=128, n_layer=n_layer, n_head=2, n_embd=n_embd,
-                          route_impl=impl, **kw))
+    model = GPT(GPTConfig(block_size=16, vocab_size=128, n_layer=n_layer, n_head=2, n_embd=n_embd, **kw))
+    fast.apply(model, impl)  # as train.py does: the fused twin of the stream, applied from outside
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.startswith('stream.'):
@@ -101,14 +103,14 @@ def test_fused_plan_matches_the_source_counts():
         assert all(r0 < r1 <= stream.n_reads for r0, r1 in stream.ranges)
 
 
-def test_fused_falls_back_to_plain_off_cuda_and_while_recording():
-    """'auto' routes with the plain code on CPU; routing_weights records through the plain code too."""
+def test_fused_falls_back_to_plain_off_cuda_and_while_probed():
+    """'auto' routes with the plain code on CPU; routing.weights probes through the plain code too."""
     auto, plain = build('auto', **CASES['delta_block4']), build('plain', **CASES['delta_block4'])
     idx = torch.randint(0, 128, (1, 16))
     assert not auto.stream.fused(torch.zeros(1))
-    torch.testing.assert_close(auto.routing_weights(idx), plain.routing_weights(idx))
+    torch.testing.assert_close(routing.weights(auto, idx), routing.weights(plain, idx))
     fused = build('fused', **CASES['delta_block4'])
-    torch.testing.assert_close(fused.routing_weights(idx), plain.routing_weights(idx))
+    torch.testing.assert_close(routing.weights(fused, idx), routing.weights(plain, idx))
 
 
 def test_router_is_freed_after_backward(monkeypatch):
@@ -130,7 +132,7 @@ def test_no_grad_forward_and_bad_route_impl():
         logits, _ = model(torch.randint(0, 128, (2, 16)))
     assert torch.isfinite(logits).all()
     with pytest.raises(ValueError, match='route_impl'):
-        GPTConfig(route_impl='triton')
+        fast.apply(model, 'triton')
 
 
 @pytest.mark.slow
@@ -147,7 +149,8 @@ def test_compiled_fused_path_matches_eager():
 
 
 INTERPRET = """
-import torch, fastroute
+import torch
+from fast import route as fastroute
 from tests.test_fastroute import build, loss_and_grads, rel_err, CASES
 assert fastroute.use_triton(torch.zeros(1))
 for name in ('attnres_block5', 'delta', 'delta_block2_gate'):

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, DeepDelta, depth_route, routing_stats, source_logits
+import routing
+from model import GPT, GPTConfig, DeepDelta, depth_route, source_logits
 
 VOCAB, T = 128, 16
 VARIANTS = {
@@ -306,13 +307,13 @@ def test_delta_zero_query_adds_the_mean_of_the_sources(res_block):
 
 def test_attnres_zero_query_weights_are_uniform_and_block_1_is_full():
     idx = tokens()
-    w = make(residual='attnres').routing_weights(idx)  # (2L+1 reads, 2L+1 sources, B, T)
+    w = routing.weights(make(residual='attnres'), idx)  # (2L+1 reads, 2L+1 sources, B, T)
     for r in range(w.size(0)):  # read r sees r + 1 sources with weight 1/(r+1)
         assert torch.allclose(w[r, :r + 1], torch.full_like(w[r, :r + 1], 1 / (r + 1))) and (w[r, r + 1:] == 0).all()
     full, one = make(residual='attnres'), make(residual='attnres', res_block=1)
     randomize_variant(full); randomize_variant(one)
     assert torch.equal(full(idx, idx)[0], one(idx, idx)[0])
-    assert torch.equal(full.routing_weights(idx), one.routing_weights(idx))
+    assert torch.equal(routing.weights(full, idx), routing.weights(one, idx))
 
 
 def test_source_counts():
@@ -320,10 +321,10 @@ def test_source_counts():
     for kw, counts in [(dict(residual='attnres', res_block=4), [1, 2, 2, 2, 2, 3, 3]),   # 2L = 6, S = 4
                        (dict(residual='delta', res_block=2), [2, 2, 3, 3, 4]),           # reads of s = 1..5
                        (dict(residual='delta'), [2, 3, 4, 5, 6])]:
-        w = make(**kw).routing_weights(idx)
+        w = routing.weights(make(**kw), idx)
         assert [(w[r, :, 0, 0] > 0).sum().item() for r in range(w.size(0))] == counts, kw
-        assert len(make(**kw).routing_labels()[0]) == w.size(0)
-        mx, ent = routing_stats(w)
+        assert len(routing.labels(make(**kw))[0]) == w.size(0)
+        mx, ent = routing.stats(w)
         torch.testing.assert_close(mx, 1 / torch.tensor(counts, dtype=torch.float))   # uniform at init
         torch.testing.assert_close(ent, torch.log(torch.tensor(counts, dtype=torch.float)))
 

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import routing
+
 from model import GPT, GPTConfig
 from sample import SHADES, decode, format_heatmap, main
 
@@ -83,7 +85,7 @@ def test_routing_heatmap_attnres(tmp_path, capsys):
     model = write_ckpt(tmp_path, 'attnres')
     out = run(capsys, tmp_path, '--start=one two three four', '--num_samples=0')
     rows = heatmap_rows(out)
-    dests, srcs = model.routing_labels()
+    dests, srcs = routing.labels(model)
     assert list(rows) == dests == ['L0.attn', 'L0.mlp', 'L1.attn', 'L1.mlp', 'final']
     # the queries start at zero, so read r weighs its n = r + 1 visible sources uniformly: weight 1/n, entropy
     # ln n. Shaded against the largest weight (1.0): n equal cells that get lighter from row to row, then blanks.
