@@ -31,12 +31,12 @@ import time
 
 import torch
 
+import checkpoint
 import cli
 import routing
 import train
 from cli import ConfigError
 from prepare import list_shards, load_shard
-from sample import load_model
 
 RUNS = list(cli.VARIANTS)
 # the conversion experiment's arms: the first five fine-tune one pretrained standard model, the last is the control
@@ -100,7 +100,7 @@ def launch(cfg, passthrough):
     # every run's config first: a typo, or a pretrained model not there yet, stops here rather than in each run
     for name, seed in todo:
         try:
-            train.init_kind(train.parse_config(train_args(cfg, name, seed, passthrough)).init_from)
+            checkpoint.init_kind(train.parse_config(train_args(cfg, name, seed, passthrough)).init_from)
         except ConfigError as e:
             raise SystemExit(f'error: run {name} (seed {seed}): {e}') from None
     running = {}  # slot -> (process, run); a GPU listed twice runs two at a time
@@ -155,7 +155,7 @@ def analyse(cfg, d, run_cfg, device):
         return json.load(open(path))
     if not os.path.exists(os.path.join(d, 'ckpt.pt')):
         return {}  # the logs alone: nothing more to say about this run
-    model, _ = load_model(os.path.join(d, 'ckpt.pt'), device)
+    model, _ = checkpoint.load_model(os.path.join(d, 'ckpt.pt'), device)
     T, B = run_cfg['block_size'], run_cfg['batch_size']
     ctx = torch.autocast('cuda', torch.bfloat16) if device == 'cuda' else torch.autocast('cpu', enabled=False)
     own = list_shards(run_cfg['data_dir'], 'val')[0]

@@ -24,9 +24,11 @@ import torch
 import cli
 import gpt2_weights
 import routing
+from checkpoint import load_model
+from cli import ConfigError
 from model import GPT, GPTConfig
-from train import ConfigError, load_checkpoint, to_batch
 from prepare import ShardError, load_shard
+from train import to_batch
 
 DEFAULTS = dict(
     out_dir='out',        # the run to sample from: <out_dir>/ckpt.pt as written by train.py
@@ -46,24 +48,6 @@ DEFAULTS = dict(
     ablate_tokens=65_536,  # the tokens of that shard it uses
 )
 SHADES = ' .:-=+*#%@'  # 10 levels; ' ' only for a weight of exactly 0 (a source the read cannot see)
-
-
-def load_model(path, device):
-    """The model of a train.py checkpoint, in eval mode on device, and the checkpoint dict."""
-    if not os.path.isfile(path):
-        raise SystemExit(f'no checkpoint at {path}: train one with train.py, or point --out_dir or --ckpt at one')
-    try:  # verified against its checksum and loaded to the CPU: its optimizer and RNG states need not go to a GPU
-        ckpt = load_checkpoint(path)
-    except ConfigError as e:
-        raise SystemExit(f'error: {e}') from None
-    try:
-        # GPTConfig's fields only: a checkpoint of an older train.py also stored route_impl there
-        model = GPT(GPTConfig(**{k: v for k, v in ckpt['model_args'].items() if k in GPTConfig.__dataclass_fields__}))
-        model.load_state_dict(ckpt['model'], strict=True)  # the variant it was trained as: every key must fit
-    except Exception as e:  # weights that do not fit their model_args
-        why = ' '.join(str(e).split())[:800]  # torch's messages span lines and can list hundreds of keys
-        raise SystemExit(f'cannot load checkpoint {path}: {type(e).__name__}: {why}') from None
-    return model.to(device).eval(), ckpt
 
 
 def load_gpt2(init_from, device):
@@ -158,7 +142,10 @@ def main(argv=None):
         print(f'{c.init_from}: {found}, {model.get_num_params() / 1e6:.2f}M parameters')
     else:
         path = c.ckpt or os.path.join(c.out_dir, 'ckpt.pt')
-        model, ckpt = load_model(path, c.device)
+        try:
+            model, ckpt = load_model(path, c.device)
+        except ConfigError as e:  # no file, a damaged one, or weights that do not fit their model_args
+            raise SystemExit(f'error: {e}') from None
         mc, vl = model.config, ckpt.get('val_loss')
         print(f'{path}: {mc.residual}, {model.get_num_params() / 1e6:.2f}M parameters, step {ckpt.get("step")}'
               + (f', val loss {vl:.4f}' if isinstance(vl, float) else ''))

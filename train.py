@@ -15,19 +15,17 @@ A resumed run starts from the config in its checkpoint instead of the defaults.
 Output in out_dir: ckpt.pt (the latest checkpoint) and log.jsonl (the config, then one line per logged step).
 Ctrl-C stops when the current step is done (exit status 130; a second Ctrl-C stops at once), ready to resume.
 """
-import ast
-import hashlib
 import inspect
-import json
 import math
 import os
 import signal
 import sys
 import textwrap
 import time
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from importlib.util import find_spec
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,10 +33,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import fast
-import gpt2_weights
 import routing
+from checkpoint import (BACKBONE_KEYS, Interrupted, SaveError, hard_stop, load_checkpoint, load_source, progress,
+                        save_checkpoint)
 from cli import ConfigError
 from model import GPT, GPTConfig
 from prepare import ShardError, list_shards, load_shard
@@ -81,8 +81,6 @@ class Config(GPTConfig):  # the model's fields (model.py) come first, then these
 
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]  # the keys of Config that build the model
-# the fields of the backbone, which every variant shares and a conversion keeps
-BACKBONE_KEYS = ['n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'bias', 'gelu_approx']
 DEFAULTS = asdict(Config())  # every key and its default, whose type a value given for the key must have
 
 
@@ -203,191 +201,82 @@ def evaluate(model, val, n_seq, cfg, rank, world, device, ctx):
     return (totals[0] / totals[1]).item()
 
 
-class Progress:
-    """Where the run is, for the message when Ctrl-C stops it: the step reached, the step of the last checkpoint,
-    and how often Ctrl-C was pressed (once: stop at the next safe point; twice: stop now)."""
-    step = saved_at = None
-    ctrl_c = 0
-
-
-progress = Progress()
-
-
-class Interrupted(Exception):
-    """Ctrl-C reached the training loop's safe point: the step is done and nothing is half-written."""
-
-
-def on_ctrl_c(signum, frame):
-    progress.ctrl_c += 1
-    if progress.ctrl_c > 1:  # the user does not want to wait for the step (or an eval) to finish
-        raise KeyboardInterrupt
-    tqdm.write('Ctrl-C: stopping when this step is done (Ctrl-C again to stop at once)')
-
-
-def hard_stop(point, step):
-    """Test-only: with RESIDUAL_GPT_KILL=point:step in the environment (e.g. save:8) the process kills itself
-    with SIGKILL when it reaches that point at that step, as a power cut would; tests/test_train.py resumes
-    after each and checks that nothing was lost. Points: eval, forward, backward, log (the step's log line is
-    on disk), save (the new checkpoint is in its temp file), rename (it has just become ckpt.pt), log_rewrite
-    (a resumed run's log is in its temp file)."""
-    if os.environ.get('RESIDUAL_GPT_KILL') == f'{point}:{step}':
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# A checkpoint file is torch.save's bytes followed by a trailer with their SHA-256: b'\nresidual-gpt sha256 ',
-# 64 hex digits, b'\n'. torch.load reads the file as it is (it ignores bytes after the archive), and
-# load_checkpoint checks the digest first, so that a flipped bit or a torn copy is found before it is used.
-TRAILER = b'\nresidual-gpt sha256 '
-TRAILER_LEN = len(TRAILER) + 64 + 1
-KEPT = 'nothing was changed: the files of the run, and the previous good state in them, are as they were'
-
-
-class SaveError(OSError):
-    """A checkpoint could not be written; the previous one is untouched."""
-
-
-class HashingWriter:
-    """A file that also feeds every byte written to it into a hash: the digest of exactly what torch.save wrote."""
-
-    def __init__(self, f, sha):
-        self.f, self.sha = f, sha
-
-    def write(self, b):
-        self.sha.update(b)
-        return self.f.write(b)
-
-    def flush(self):
-        self.f.flush()
-
-
-def save_checkpoint(ckpt, path):
-    """Write to a temporary file, with the SHA-256 of its contents at the end, fsync it, then rename it over path.
-    The rename is atomic, so a crash at any moment leaves either the previous checkpoint or the new one, never a
-    torn file. A save that fails or is stopped removes the temporary file and leaves the previous checkpoint."""
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            sha = hashlib.sha256()
-            torch.save(ckpt, HashingWriter(f, sha))
-            f.write(TRAILER + sha.hexdigest().encode() + b'\n')
-            f.flush()
-            os.fsync(f.fileno())  # the bytes reach the disk before the rename makes them the checkpoint
-        hard_stop('save', ckpt['step'])
-        os.replace(tmp, path)
-    except BaseException as e:  # disk full, no permission, a failed rename, Ctrl-C: no half-written file stays
-        with suppress(OSError):
-            os.remove(tmp)
-        if progress.ctrl_c > 1:  # a second Ctrl-C stops now; torch.save may have turned it into a RuntimeError
-            raise KeyboardInterrupt from None
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
-            why = e.strerror if isinstance(e, OSError) and e.strerror else ' '.join(str(e).split())
-            previous = f'the previous {path} is unchanged' if os.path.exists(path) else 'no checkpoint was written'
-            raise SaveError(f'cannot write the checkpoint {path}: {why}; {tmp} removed, {previous}') from None
-        raise
-    hard_stop('rename', ckpt['step'])
-    if hasattr(os, 'O_DIRECTORY'):  # POSIX: make the rename itself durable too
-        fd = os.open(os.path.dirname(path) or '.', os.O_RDONLY | os.O_DIRECTORY)
-        os.fsync(fd)
-        os.close(fd)
-
-
-def checksums(path):
-    """(the SHA-256 stored in the file's trailer: None if it has none, '' if it is incomplete; the SHA-256 of the
-    bytes before it)."""
-    size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-        f.seek(max(0, size - TRAILER_LEN))
-        tail = f.read()
-        stored = None
-        if len(tail) == TRAILER_LEN and tail.startswith(TRAILER) and tail.endswith(b'\n'):
-            stored = tail[len(TRAILER):-1].decode('ascii', errors='replace')
-        elif TRAILER.strip() in tail:  # the trailer is there but cut short: the file lost its last bytes
-            stored = ''
-        f.seek(0)
-        sha, left = hashlib.sha256(), size - (TRAILER_LEN if stored else 0)
-        while left:  # in chunks: a checkpoint of GPT-2 124M with its optimizer is 1.5 GB
-            chunk = f.read(min(left, 1 << 24))
-            sha.update(chunk)
-            left -= len(chunk)
-    return stored, sha.hexdigest()
-
-
-def load_checkpoint(path):
-    """A checkpoint (path: ckpt.pt or its folder), loaded on the CPU with weights_only=True: tensors and plain
-    values only, so that loading a file cannot run code. Every way a file can be unusable is a ConfigError
-    that names the file and what is wrong with it."""
-    path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        raise ConfigError(f'no checkpoint at {path}')
-
-    def refuse(problem):
-        return ConfigError(f'{path} is not a usable checkpoint: {problem}; {KEPT}')
-    size = os.path.getsize(path)
-    if size == 0:
-        raise refuse('the file is empty (0 bytes)')
-    stored, actual = checksums(path)
-    if stored == '':
-        raise refuse(f'it is cut short ({size:,} bytes): the checksum at its end is incomplete')
-    if stored is not None and stored != actual:
-        raise refuse(f'its contents do not match the SHA-256 written with them ({size:,} bytes): the file was '
-                     'changed or damaged after it was saved')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch's own message would suggest weights_only=False: never the fix for a bad file
-        if stored is None:
-            raise refuse(f'torch cannot read it and it has no checksum ({size:,} bytes): it is cut short, or not '
-                         'a file written by train.py') from None
-        raise refuse(f'its checksum matches but torch {torch.__version__} cannot read it ({type(e).__name__}): '
-                     'written by another version of torch?') from None
-    missing = {'model', 'model_args', 'config', 'step'} - set(ckpt if isinstance(ckpt, dict) else {})  # e.g. nanoGPT's
-    if missing:
-        raise refuse(f'it is not a checkpoint of train.py (no {", ".join(sorted(missing))})')
-    if stored is None:  # readable and complete, but from before checkpoints carried a checksum
-        print(f'note: {path} has no checksum (written by an older train.py); loaded without verifying it',
-              file=sys.stderr)
-    return ckpt
-
-
-def init_kind(init_from):
-    """What init_from names, from the files alone: 'scratch', 'resume', 'checkpoint' (a checkpoint of train.py,
-    or a run's out_dir holding one) or 'gpt2' (one of gpt2_weights.NAMES, or a Hugging Face folder of GPT-2).
-    Anything else is a ConfigError that says what was expected."""
-    if init_from in ('scratch', 'resume'):
-        return init_from
-    if init_from in gpt2_weights.NAMES:
-        return 'gpt2'
-    if os.path.isfile(init_from) or os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
-        return 'checkpoint'  # a run's out_dir wins, should a folder hold both kinds
-    if gpt2_weights.is_hf_folder(init_from):
-        return 'gpt2'
-    if os.path.isdir(init_from):
-        raise ConfigError(f'init_from={init_from}: the folder holds neither a checkpoint of train.py (ckpt.pt) nor '
-                          f'GPT-2 weights ({gpt2_weights.EXPECTED})')
-    raise ConfigError(f"init_from={init_from}: no such file or folder; expected 'scratch', 'resume', a checkpoint of "
-                      f"train.py or a run's out_dir, {', '.join(gpt2_weights.NAMES)}, or a Hugging Face GPT-2 folder")
-
-
-def load_source(init_from):
-    """The weights that init_from names (neither 'scratch' nor 'resume'), as a dict like a checkpoint's: 'model'
-    (a state_dict), 'model_args', 'data' (the train position to go on from: None for GPT-2, whose training data
-    is not ours), 'kind' (of init_kind) and 'found' (what it is, in words, for the start-up line)."""
-    kind = init_kind(init_from)
-    if kind == 'checkpoint':
-        src = load_checkpoint(init_from)
-        return {**src, 'kind': kind, 'found': f'a checkpoint of train.py (residual={src["model_args"]["residual"]}, '
-                                              f'step {src["step"]}, val loss {src["val_loss"]})'}
-    args, sd, found = gpt2_weights.load(init_from)
-    return {'model': sd, 'model_args': args, 'data': None, 'kind': kind, 'found': found}
-
-
-def log_step(line):
-    """The step of a line of log.jsonl (-1 for a config line); inf for a line cut short by a crash."""
-    try:
-        return json.loads(line).get('step', -1)
-    except json.JSONDecodeError:
-        return math.inf
-
 # -----------------------------------------------------------------------------
+# the run: setup, data, model, then the loop
+
+def setup(cfg, ddp):
+    """Processes, device and precision. Under torchrun: one process per GPU (NCCL), or CPU processes (gloo)."""
+    rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
+    device = cli.pick_device(cfg.device)
+    if ddp and device.startswith('cuda'):
+        device = f'cuda:{local_rank}'  # one GPU per process
+        torch.cuda.set_device(device)
+    kind = torch.device(device).type  # cuda, mps or cpu
+    if ddp:
+        if kind not in ('cuda', 'cpu'):
+            raise ConfigError(f'device={device}: DDP runs on cuda (NCCL) or cpu (gloo)')
+        dist.init_process_group('nccl' if kind == 'cuda' else 'gloo')
+    dtype, why = cli.pick_dtype(cfg.dtype, device)
+    if kind == 'cuda':  # TF32 for the fp32 matmuls that remain: ~3x fp32 speed on Ampere and newer
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; DDP copies rank 0's initial weights to all
+    # autocast runs the matmuls in bf16/fp16 while weights and optimizer state stay fp32. fp16 also needs
+    # a loss scaler against gradient underflow; disabled, the scaler does nothing
+    return SimpleNamespace(
+        rank=rank, local_rank=local_rank, world=world, device=device, kind=kind, dtype=dtype, why=why,
+        master=rank == 0, say=tqdm.write if rank == 0 else lambda *a: None,  # rank 0 prints, logs and saves
+        ctx=nullcontext() if dtype == 'float32' else torch.autocast(kind, dtype=getattr(torch, dtype)),
+        scaler=torch.amp.GradScaler('cuda', enabled=(dtype == 'float16')))
+
+
+def load_data(cfg, env):
+    """The train shards, read in order, and the fixed val set: the first val_tokens of the first val shard.
+    Every token id is checked against vocab_size here, before the first step, not where it would crash."""
+    paths = list_shards(cfg.data_dir, 'train')
+    shards = [load_shard(p, cfg.vocab_size) for p in paths]
+    loader = DataLoader(shards, cfg.batch_size, cfg.block_size, env.rank, env.world, paths)
+    val_path = list_shards(cfg.data_dir, 'val')[0]
+    val = load_shard(val_path, cfg.vocab_size)
+    n_val = min(cfg.val_tokens, len(val) - 1) // cfg.block_size  # whole sequences; the +1 is the last target
+    if n_val == 0:
+        raise ConfigError(f'{val_path} has {len(val)} tokens; the val set needs block_size + 1 = {cfg.block_size + 1}')
+    env.say(f'data: {len(paths)} train shard(s); val = {n_val * cfg.block_size:,} tokens of {val_path}'
+            + (f', at most {cfg.eval_iters} batches per rank' if cfg.eval_iters else ''))
+    return loader, val, n_val
+
+
+def build_model(cfg, ckpt, src, loader, env):
+    """The model, from scratch, resumed, or with the backbone of another run (of any variant) or of GPT-2, on
+    its device with the fast paths and compilation applied; and its optimizer, resumed if ckpt is given."""
+    model = GPT(GPTConfig(**model_args(cfg)))
+    if ckpt or src:
+        left = checkpoint.load_weights(model, ckpt or src, resumed=bool(ckpt), cfg=cfg,
+                                       where=os.path.join(cfg.out_dir, 'ckpt.pt') if ckpt else cfg.init_from)
+    if src:  # a conversion goes on with the train tokens that its source has not seen; GPT-2 starts at the first
+        if src['data']:
+            loader.load_state(src['data'])
+        data = f'shard {loader.shard}, token {loader.pos:,}' if src['data'] else 'the start of the train shards'
+        env.say(f'init_from={cfg.init_from}: {src["found"]}; backbone loaded; at init: {", ".join(left) or "nothing"}; '
+                f'train data from {data}')
+    model.to(env.device)
+    # the fast paths and compilation, applied from outside. fast.apply replaces the stream's parameters, so it
+    # comes before the optimizer. Compiling in place keeps the state_dict's keys free of '_orig_mod.'
+    fused = fast.apply(model, cfg.route_impl)
+    compiled = 'off'
+    if cfg.compile and env.kind != 'cuda':
+        compiled = f'off ({env.kind} runs eager)'
+    elif cfg.compile and (sys.platform == 'win32' or find_spec('triton') is None):  # compile needs triton on CUDA
+        compiled = 'off (no triton: not installed, or Windows; running eager)'
+    elif cfg.compile:
+        model.compile()
+        compiled = 'on'
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           env.kind, cfg.routing_lr_mult)
+    gpu = f' ({torch.cuda.get_device_name(env.device)})' if env.kind == 'cuda' else ''
+    env.say(f'device {env.device}{gpu} x {env.world}; dtype {env.dtype} ({env.why}); compile {compiled}; '
+            f'routing {fused}')
+    return model, optimizer
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -397,13 +286,13 @@ def main(argv=None):
     ddp = 'RANK' in os.environ  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
     progress.step = progress.saved_at = None
     progress.ctrl_c = 0
-    on_sigint = signal.signal(signal.SIGINT, on_ctrl_c)
+    on_sigint = signal.signal(signal.SIGINT, checkpoint.on_ctrl_c)
     try:
         train(argv, ddp)
     except (ConfigError, ShardError, SaveError) as e:
         raise SystemExit(f'error: {e}') from None  # a clear message and exit status 1, no traceback
     except OSError as e:  # e.g. the disk filled up while log.jsonl was written
-        raise SystemExit(f'error: {e}') from None  # str(e) names the file and the reason
+        raise SystemExit(f'error: {checkpoint.os_error(e)}') from None
     except (Interrupted, KeyboardInterrupt):
         at = 'before the first step' if progress.step is None else f'at step {progress.step}'
         last = ('no checkpoint yet' if progress.saved_at is None
@@ -425,27 +314,8 @@ def train(argv, ddp):
         cfg = parse_config(argv, base={**ckpt['config'], 'out_dir': cfg.out_dir})
     elif os.path.exists(ckpt_path):  # never overwrite a run by accident
         raise ConfigError(f'{ckpt_path} exists; continue it with --init_from=resume, or choose another out_dir')
-
-    # device and precision. Under torchrun: one process per GPU (NCCL), or CPU processes (gloo)
-    rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
-    device = cli.pick_device(cfg.device)
-    if ddp and device.startswith('cuda'):
-        device = f'cuda:{local_rank}'  # one GPU per process
-        torch.cuda.set_device(device)
-    device_type = torch.device(device).type  # cuda, mps or cpu
-    if ddp:
-        if device_type not in ('cuda', 'cpu'):
-            raise ConfigError(f'device={device}: DDP runs on cuda (NCCL) or cpu (gloo)')
-        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo')
-    master, say = rank == 0, (tqdm.write if rank == 0 else lambda *a: None)  # rank 0 prints, logs and saves
-    dtype, why = cli.pick_dtype(cfg.dtype, device)
-    # autocast runs the matmuls in bf16/fp16 while weights and optimizer state stay fp32. fp16 also needs
-    # a loss scaler against gradient underflow; disabled, the scaler does nothing
-    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
-    scaler = torch.amp.GradScaler('cuda', enabled=(dtype == 'float16'))
-    if device_type == 'cuda':  # TF32 for the fp32 matmuls that remain: ~3x fp32 speed on Ampere and newer
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; DDP copies rank 0's initial weights to all
+    env = setup(cfg, ddp)
+    device, ctx, scaler, world, say = env.device, env.ctx, env.scaler, env.world, env.say
 
     # the weights to start from, unless resumed: another run's checkpoint (its backbone, of any variant) or GPT-2
     src = None if ckpt or cfg.init_from == 'scratch' else load_source(cfg.init_from)
@@ -453,8 +323,7 @@ def train(argv, ddp):
         fixed = ', '.join(f'{k}={v!r}' for k, v in src['model_args'].items())
         changed = ', '.join(f'{k} {getattr(cfg, k)!r}' for k, v in src['model_args'].items() if getattr(cfg, k) != v)
         cfg = replace(cfg, **src['model_args'])
-        say(f'init_from={cfg.init_from} sets the backbone: {fixed}'
-            + (f' (the config had {changed})' if changed else ''))
+        say(f'init_from={cfg.init_from} sets the backbone: {fixed}' + (f' (the config had {changed})' * bool(changed)))
 
     # batch: the total is fixed in tokens, and grad accumulation makes up what the ranks don't
     micro = cfg.batch_size * cfg.block_size * world  # e.g. 32 * 1,024 * 8 GPUs = 262,144 tokens
@@ -462,147 +331,63 @@ def train(argv, ddp):
         raise ConfigError(f'total_batch_size={cfg.total_batch_size:,} is not a multiple of batch_size * block_size '
                           f'* world size = {cfg.batch_size} * {cfg.block_size} * {world} = {micro:,}')
     accum = cfg.total_batch_size // micro  # e.g. 524,288 / 262,144 = 2 micro-steps per optimizer step
-
-    # data: the train shards, read in order, and the fixed val set
-    train_paths = list_shards(cfg.data_dir, 'train')
-    loader = DataLoader([load_shard(p) for p in train_paths], cfg.batch_size, cfg.block_size, rank, world, train_paths)
-    val_path = list_shards(cfg.data_dir, 'val')[0]
-    val = load_shard(val_path)
-    n_val = min(cfg.val_tokens, len(val) - 1) // cfg.block_size  # whole sequences; the +1 is the last target
-    if n_val == 0:
-        raise ConfigError(f'{val_path} has {len(val)} tokens; the val set needs block_size + 1 = {cfg.block_size + 1}')
-
-    # model: from scratch, resumed, or the backbone of another run's checkpoint (of any variant) or of GPT-2
-    model = GPT(GPTConfig(**model_args(cfg)))
-    loaded = ckpt or src
-    if loaded:
-        # a resumed model must match in every field but dropout; a converted one in its backbone, where the
-        # number of heads and the block size would not show in every weight's shape. A field that an older
-        # checkpoint lacks had its default value
-        keys = [k for k in MODEL_KEYS if k != 'dropout'] if ckpt else BACKBONE_KEYS
-        theirs = {k: loaded['model_args'].get(k, DEFAULTS[k]) for k in keys}
-        diff = '; '.join(f'{k}: checkpoint {theirs[k]!r}, config {getattr(cfg, k)!r}'
-                         for k in keys if theirs[k] != getattr(cfg, k))
-        try:
-            if diff:
-                raise ValueError(diff)
-            left = model.load_state_dict(loaded['model']) if ckpt else model.load_backbone(loaded['model'])
-        except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's missing or unexpected keys
-            raise ConfigError(f'cannot load {ckpt_path if ckpt else cfg.init_from} into this model: {e}') from None
-    if src:  # a conversion goes on with the train tokens that its source has not seen; GPT-2 starts at the first
-        if src['data']:
-            loader.load_state(src['data'])
-        data = f'shard {loader.shard}, token {loader.pos:,}' if src['data'] else 'the start of the train shards'
-        say(f'init_from={cfg.init_from}: {src["found"]}; backbone loaded; at init: {", ".join(left) or "nothing"}; '
-            f'train data from {data}')
-    model.to(device)
-    # the fast paths and compilation, applied to the built model from outside. fast.apply replaces the stream's
-    # parameters, so it comes before the optimizer is made. raw_model stays the module whose state_dict has
-    # no '_orig_mod.' or 'module.' in its keys (compile is in place; DDP wraps it below)
-    fused = fast.apply(model, cfg.route_impl)
-    raw_model, compiled = model, 'off'
-    if cfg.compile and device_type != 'cuda':
-        compiled = f'off ({device_type} runs eager)'
-    elif cfg.compile and (sys.platform == 'win32' or find_spec('triton') is None):  # compile needs triton on CUDA
-        compiled = 'off (no triton: not installed, or Windows; running eager)'
-    elif cfg.compile:
-        model.compile()
-        compiled = 'on'
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           device_type, cfg.routing_lr_mult)
+    loader, val, n_val = load_data(cfg, env)
+    model, optimizer = build_model(cfg, ckpt, src, loader, env)
     step = tokens = 0
-    if ckpt:  # everything else it takes to go on exactly as if never stopped
-        optimizer.load_state_dict(ckpt['optimizer'])  # AdamW's moments
-        if ckpt['scaler']:  # empty unless the run used float16
-            scaler.load_state_dict(ckpt['scaler'])
-        step, tokens = ckpt['step'], ckpt['tokens']  # tokens: total_batch_size may change on resume
-        loader.load_state(ckpt['data'])  # the next batch is the one the interrupted run would have read
-        if len(ckpt['rng']) == world:  # one state per rank; dropout draws from them
-            torch.set_rng_state(ckpt['rng'][rank]['torch'])
-            if device_type == 'cuda' and ckpt['rng'][rank]['cuda'] is not None:  # None: saved on a CPU run
-                torch.cuda.set_rng_state(ckpt['rng'][rank]['cuda'], device)
-        else:
-            say(f'note: {len(ckpt["rng"])} RNG states for {world} ranks: dropout masks differ from an unbroken run')
+    if ckpt:  # everything else it takes to go on exactly as if never stopped: moments, data position, RNG
+        step, tokens = checkpoint.restore(ckpt, optimizer, scaler, loader, env)
     resumed_at = saved_at = step if ckpt else None
-    del ckpt, src, loaded  # free the CPU copies of the weights
-
-    eval_model = model  # eval needs no DDP wrapper: there are no gradients to synchronise
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-
-    # what this run is, derived: printed once, before the first step
+    del ckpt, src  # free the CPU copies of the weights
+    raw_model = model  # the module whose state_dict is saved: no 'module.' in its keys
+    if ddp:  # eval and the routing statistics use raw_model: there are no gradients to synchronise
+        model = DDP(model, device_ids=[env.local_rank] if env.kind == 'cuda' else None)
     peak = cli.peak_flops(device)  # dense bf16 FLOP/s of this GPU; None on CPU, MPS or an unknown GPU (no MFU)
-    gpu = f' ({torch.cuda.get_device_name(device)})' if device_type == 'cuda' else ''
-    say(f'device {device}{gpu} x {world}; dtype {dtype} ({why}); compile {compiled}; routing {fused}')
     say(f'model: residual={cfg.residual}, {raw_model.get_num_params() / 1e6:.2f}M parameters, '
         f'{raw_model.flops_per_token() / 1e6:,.1f} MFLOP/token; peak {f"{peak:.3g} FLOP/s" if peak else "unknown"}')
     say(f'batch: {cfg.total_batch_size:,} tokens/step = {cfg.batch_size} B x {cfg.block_size} T x {accum} accum x '
         f'{world} ranks; {cfg.max_iters:,} steps = {cfg.max_iters * cfg.total_batch_size:,} tokens')
-    say(f'data: {len(train_paths)} train shard(s); val = {n_val * cfg.block_size:,} tokens of {val_path}'
-        + (f', at most {cfg.eval_iters} batches per rank' if cfg.eval_iters else ''))
     say('config: ' + textwrap.fill(' '.join(f'--{k}={v}' for k, v in asdict(cfg).items()), 110,
                                    subsequent_indent='  ', break_on_hyphens=False))  # the run, as arguments
-
-    # log.jsonl: the config first. A resumed run keeps the lines up to its checkpoint (the later steps are
-    # redone) and appends; the new file goes through a temp file and a rename, so a kill leaves the old or new one
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        lines = []
-        if resumed_at is not None and os.path.exists(log_path):
-            with open(log_path) as f:
-                lines = [line for line in f if log_step(line) <= step]
-        resumed = {'resumed_from_step': step} if resumed_at is not None else {}
-        with open(log_path + '.tmp', 'w') as f:
-            f.writelines(lines + [json.dumps({'config': asdict(cfg), **resumed}) + '\n'])
-            f.flush()
-            os.fsync(f.fileno())
-        hard_stop('log_rewrite', step)
-        os.replace(log_path + '.tmp', log_path)
+    if env.master:  # the config first; a resumed run keeps the lines up to its checkpoint's step
+        checkpoint.start_log(log_path, asdict(cfg), step if resumed_at is not None else None)
 
     # routing statistics are measured on the first val batch: the same tokens at every eval
     x_routing = to_batch(val[: min(cfg.batch_size, n_val) * cfg.block_size + 1], cfg.block_size, device)[0]
     train_loss = lr = None
     win_tokens, win_time = 0, 0.0  # training tokens and seconds since the last log line
-    bar = tqdm(total=cfg.max_iters, initial=step, disable=not master, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_iters, initial=step, disable=not env.master, dynamic_ncols=True)
     while True:
         progress.step, progress.saved_at = step, saved_at
         rec = {}
         # evaluate, then checkpoint: at step 0, every eval_interval steps, and at the end
         evaluating = (step % cfg.eval_interval == 0 or step == cfg.max_iters) and step != resumed_at
         if evaluating:
-            hard_stop('eval', step)
-            val_loss = evaluate(eval_model, val, n_val, cfg, rank, world, device, ctx)
+            val_loss = evaluate(raw_model, val, n_val, cfg, env.rank, world, device, ctx)
             if not math.isfinite(val_loss):
                 stop('val loss', val_loss, step, ckpt_path, saved_at)
             rec['val_loss'] = val_loss
             raw_model.eval()
             with ctx:
-                w = routing.weights(raw_model, x_routing) if master else None  # None for standard and ddl
+                w = routing.weights(raw_model, x_routing) if env.master else None  # None for standard and ddl
             raw_model.train()
             if w is not None:  # how sharp each routed read is: its largest weight and its entropy (nats)
                 rec['routing_max'], rec['routing_entropy'] = (t.tolist() for t in routing.stats(w))
 
         # a line of log.jsonl at each logged step. tok/s and MFU count only training time since the last line.
         # It is on disk before this step's checkpoint is: a resumed run does not redo its checkpoint's step
-        if master and (rec or (step % cfg.log_interval == 0 and train_loss is not None)):
+        if env.master and (rec or (step % cfg.log_interval == 0 and train_loss is not None)):
             tok_s = win_tokens / win_time if win_time else None  # None: no timed step yet
-            mfu = raw_model.estimate_mfu(tok_s / world, peak) if tok_s else None  # per GPU, against its peak
-            mem = torch.cuda.max_memory_allocated(device) / 2**20 if device_type == 'cuda' else None
-            rec = {'step': step, 'tokens': tokens, 'train_loss': train_loss, **rec, 'lr': lr,
-                   'tok_per_s': tok_s, 'mfu': mfu, 'peak_mem_mb': mem}
-            with open(log_path, 'a') as f:
-                f.write(json.dumps(rec) + '\n')
-                f.flush()
-                os.fsync(f.fileno())
+            mem = torch.cuda.max_memory_allocated(device) / 2**20 if env.kind == 'cuda' else None
+            checkpoint.append_log(log_path, {
+                'step': step, 'tokens': tokens, 'train_loss': train_loss, **rec, 'lr': lr, 'tok_per_s': tok_s,
+                'mfu': raw_model.estimate_mfu(tok_s / world, peak) if tok_s else None,  # per GPU, against its peak
+                'peak_mem_mb': mem})
             hard_stop('log', step)
             win_tokens, win_time = 0, 0.0
 
         if evaluating and step > (resumed_at or 0):
-            cuda_rng = torch.cuda.get_rng_state(device) if device_type == 'cuda' else None
-            rngs = [{'torch': torch.get_rng_state(), 'cuda': cuda_rng}] * world
-            if ddp:  # every rank's state, so that dropout continues exactly on resume
-                dist.all_gather_object(rngs, rngs[0])
-            if master:
+            rngs = checkpoint.rng_states(env, ddp)  # every rank's: dropout continues exactly on resume
+            if env.master:
                 save_checkpoint({'model': raw_model.state_dict(), 'model_args': model_args(cfg),
                                  'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                                  'step': step, 'tokens': tokens, 'data': loader.state(), 'rng': rngs,
@@ -635,10 +420,9 @@ def train(argv, ddp):
             with model.no_sync() if ddp and i < accum - 1 else nullcontext():
                 with ctx:
                     _, loss = model(x, y)
-                hard_stop('forward', step)
                 loss_sum += loss.detach()
                 scaler.scale(loss / accum).backward()  # / accum: a mean over micro-steps; DDP averages ranks
-                hard_stop('backward', step)
+            hard_stop('step', step)  # in the middle of a step: nothing of it is on disk
         if ddp:
             dist.all_reduce(loss_sum)  # the same loss on every rank, so that all of them stop on a NaN
         train_loss = loss_sum.item() / (accum * world)  # .item() waits for the GPU, so dt below is real

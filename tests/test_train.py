@@ -91,7 +91,7 @@ def test_config_file_then_overrides_in_order(tmp_path):
 
 
 @pytest.mark.parametrize('argv, file_text, expected', [
-    (['--learning_rat=1e-3'], None, ["unknown key 'learning_rat'", 'learning_rate', 'known keys: out_dir']),
+    (['--learning_rat=1e-3'], None, ["unknown key 'learning_rat'", 'learning_rate', 'known keys: block_size']),
     (['--max_iters=1.5'], None, ['max_iters expects int', '1.5']),
     (['--compile=maybe'], None, ['compile expects bool']),
     ([], 'compile = 1\n', ['cfg.py:1', 'compile expects bool']),  # a file is Python: True or False
@@ -320,8 +320,9 @@ def killed(data_dir, out_dir, point, *args):
 
 
 # each scenario: kill points of the first run, then of resumed runs; after the last kill a resume runs to the end
-KILLS = [['eval:8'], ['forward:6'], ['backward:9'], ['log:5'], ['log:8'], ['save:8'], ['rename:8'], ['rename:12'],
-         ['forward:6', 'log_rewrite:4'], ['save:8', 'rename:8'], ['log:8', 'log_rewrite:4', 'eval:12']]
+# (step:N is the middle of the step after step N, just before the checkpoint of an eval step: step:7)
+KILLS = [['step:7'], ['step:6'], ['log:5'], ['log:8'], ['save:8'], ['rename:8'], ['rename:12'],
+         ['step:6', 'log_rewrite:4'], ['save:8', 'rename:8'], ['log:8', 'log_rewrite:4', 'step:11']]
 
 
 @pytest.mark.skipif(not hasattr(os, 'fork'), reason='the kill test forks')
