@@ -10,21 +10,31 @@ model.py stays the solution and carries no markers: `make` parses it with `ast`,
 by their qualified names (e.g. `DeepDelta.write`; a class name means all of its methods) and replaces each body,
 below its signature and docstring, with `raise NotImplementedError`. Then it checks that no line of a removed
 body survives anywhere in the copy. Statements and tests live in exercises/ as NN_name.md and NN_name_test.py.
-The tests check properties and reference values computed in the test (float64 loops, the papers' invariants),
-never the solution's source, so any correct implementation passes. `check` exits 0 only when every test passes.
+
+`check` runs the student's code in a child process that only computes: the student's functions, on inputs made
+from a seed drawn at random for each run, and their raw outputs written back. This process makes the same
+inputs and holds every reference (float64 loops, the papers' invariants, the weights of the model.py next to
+this file) and every assertion: nothing the child prints, writes or patches passes a test, only right outputs
+do. The tests check properties and values, never the solution's source, so any correct implementation passes.
+`check` exits 0 only when every test passes. It runs the student's code with your privileges:
+exercises/README.md says how to grade submissions you do not trust, and what the checks can't tell.
 """
 
 import ast
 import glob
+import importlib
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections import namedtuple
+from contextlib import suppress
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 Exercise = namedtuple('Exercise', 'number name targets difficulty minutes summary')
@@ -44,33 +54,16 @@ EXERCISES = [
     Exercise(7, 'new_variant', (), 'open-ended', 240,
              'a new residual variant behind the same interface, in compare.py, with a written comparison'),
 ]
-# what a student copy holds: the project's code, configs and exercises; not tests/ (its naive reference loops
-# would give the answers away), data or runs
-COPY = ['*.py', 'README.md', 'requirements.txt', 'configs/*.py', 'exercises/*.md', 'exercises/*_test.py']
-# fastroute.py, the fused GPU path, re-implements the routing math of exercises 1, 2, 5 and 6 (softmax over
-# depth, the keys, the bookkeeping, the Delta read); the copy gets this stand-in, so every device routes with
-# the student's Routed
-FASTROUTE_STAND_IN = '''"""
-Stand-in for the fused GPU routing path, which a student copy of the project leaves out: it re-implements the
-routing that the exercises ask for. Every device uses model.Routed's plain code, with the same parameters.
-"""
-from model import Routed as FusedRouted  # noqa: F401 (imported by GPT.__init__)
-'''
-# fastddl.py, the fused DDL write, re-implements the delta rule of exercise 4 in the same way
-FASTDDL_STAND_IN = '''"""
-Stand-in for the fused DDL write, which a student copy of the project leaves out: it re-implements the delta
-rule that an exercise asks for. Every device uses model.DeepDelta's plain code, with the same parameters.
-"""
-from model import DeepDelta
-
-
-class FusedDeepDelta(DeepDelta):  # GPT.__init__ passes the pre-norms, which only the fused backward needs
-    def __init__(self, config, norms):
-        super().__init__(config)
-'''
+# what a student copy holds: the project's code, docs, configs and exercises; not tests/ (its naive reference
+# loops would give the answers away), data or runs
+COPY = ['*.py', 'README.md', 'docs/*.md', 'requirements.txt', 'configs/*.py', 'exercises/*.md',
+        'exercises/*_test.py']
+# The fast GPU paths (fast/, and fastroute.py and fastddl.py where a checkout has them at the top) re-implement
+# the routing and the delta rule that exercises 1, 2, 4, 5 and 6 ask for, so a copy that cuts code out leaves
+# them out, and every device runs the student's plain code. Exercise 7 cuts nothing: its copy keeps them.
+FAST = ['fast/**/*.py', 'fastroute.py', 'fastddl.py']
 MIN_LEAK_CHARS = 8  # shorter lines ('return', 'else:') say nothing about a solution
 CHECK_TIMEOUT = 600  # seconds; a student's endless loop must not hang a grading script
-RESULTS = 'exercise results: '  # the child's line of JSON starts with this
 
 
 def get_exercise(n):
@@ -156,20 +149,27 @@ def find_leaks(removed, out):
     return leaks
 
 
+def copied_files(ex):
+    """The files of a student copy of exercise ex, relative to the project root."""
+    def matching(patterns):
+        return {os.path.relpath(p, HERE) for pattern in patterns
+                for p in glob.glob(os.path.join(HERE, pattern), recursive=True)}
+    files, fast = matching(COPY), matching(FAST)
+    return sorted(files - fast if ex.targets else files | fast)
+
+
 def make(ex, out):
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise SystemExit(f'--out={out} exists and is not an empty directory: choose a new one (nothing is '
                          f'overwritten, so a student\'s work is never lost)')
     with open(os.path.join(HERE, 'model.py'), encoding='utf-8') as f:
         student, removed = blank_source(f.read(), ex)
-    for pattern in COPY:
-        for src in sorted(glob.glob(os.path.join(HERE, pattern))):
-            dst = os.path.join(out, os.path.relpath(src, HERE))
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.copyfile(src, dst)
-    for name, text in (('model.py', student), ('fastroute.py', FASTROUTE_STAND_IN), ('fastddl.py', FASTDDL_STAND_IN)):
-        with open(os.path.join(out, name), 'w', encoding='utf-8') as f:
-            f.write(text)
+    for path in copied_files(ex):
+        dst = os.path.join(out, path)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copyfile(os.path.join(HERE, path), dst)
+    with open(os.path.join(out, 'model.py'), 'w', encoding='utf-8') as f:
+        f.write(student)
     leaks = find_leaks(removed, out)
     if leaks:
         shutil.rmtree(out)
@@ -182,101 +182,249 @@ def make(ex, out):
           f'  cd {out} && python exercises.py check {ex.number}')
 
 # ----------------------------------------------------------------------------------------------------------
-# check: run the exercise's tests against a directory's model.py, in a child process
+# check: the student's code computes in a child process, this one checks
+#
+# Each test in exercises/NN_name_test.py is a pair of functions. compute_X(M, seed) runs in the child on M, the
+# student's model.py, with inputs made from the seed, and returns raw outputs (tensors, numbers). check_X(out,
+# ref) runs here: it makes the same inputs from ref.seed, computes what they must give and asserts. The child's
+# word counts for nothing: the seed is drawn for each run, its outputs pass only if they are right for it, and
+# nothing it prints or patches in its own process (the asserts, the tests, sys.exit) reaches this one.
 
-def run_tests(ex, d):
-    """In the child: import d's model.py and the exercise's tests, run every test_ function, return results.
-    One process may grade several directories in turn: the modules imported from the previous ones are
-    forgotten first, so that `import model` finds this one's."""
+# what a check gets besides the outputs: the reference model.py, the run's seed, the submission's directory
+Ref = namedtuple('Ref', 'model seed dir')
+
+
+def reference():
+    """The model.py next to this file, imported before the child starts, so that nothing the child does can
+    change it: in the project, the solution; in a student's own copy, the student's file (None if it does not
+    import: the child then says so for every test). The checks use its backbone and weights, never what their
+    exercise cuts out."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    try:
+        import model
+        return model
+    except (Exception, SystemExit):
+        return None
+
+
+def load_tests(ex, name):
+    """The exercise's tests in the order they are written, easiest first: (name, title, compute, check)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, files_of(ex)[1]))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tests = []
+    for key, fn in vars(module).items():
+        if key.startswith('compute_'):
+            test = key.removeprefix('compute_')
+            tests.append((test, fn.__doc__.strip().splitlines()[0], fn, getattr(module, 'check_' + test)))
+    return tests
+
+
+def compute(seed, results, jobs):
+    """In the child: for each (exercise, directory) of jobs, import the directory's model.py and run every test's
+    compute function on it, appending one JSON line per test to the file `results`. One process may compute for
+    several directories in turn: the modules imported from the previous ones are forgotten first, so that
+    `import model` finds this one's."""
     import torch  # here, not at the top: list and make work without it
     torch.set_num_threads(1)  # the tests' models are tiny: threads would cost more in sync than they save
-    for name, module in list(sys.modules.items()):
-        f = getattr(module, '__file__', None)
-        if f and os.path.dirname(os.path.abspath(f)) in _graded and not f.endswith('exercises.py'):
-            del sys.modules[name]
-    _graded.add(d)
-    cwd = os.getcwd()
-    sys.path.insert(0, d)  # `import model` (and compare, ...) must find the student's files, not the solution's
-    os.chdir(d)  # and the tests read the student's configs and notes from there
-    try:
-        _, test_file = files_of(ex)
-        spec = importlib.util.spec_from_file_location(f'exercise{ex.number}_test', os.path.join(HERE, test_file))
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:  # a syntax error in model.py, a missing name: no test can run
-            return [dict(test='import', title='model.py imports', passed=False, message=explain(e, d))]
-        results = []
-        for name, fn in list(vars(module).items()):  # in the order the tests are written, easiest first
-            if name.startswith('test_') and callable(fn):
-                torch.manual_seed(0)  # the same random numbers for every student, whatever ran before
-                title = (fn.__doc__ or name).strip().splitlines()[0]
-                try:
-                    fn()
-                    results.append(dict(test=name, title=title, passed=True, message=''))
-                except Exception as e:  # one broken test must not hide the results of the others
-                    results.append(dict(test=name, title=title, passed=False, message=explain(e, d)))
-        return results
-    finally:
-        sys.path.remove(d)
-        os.chdir(cwd)
-
-
-_graded = set()  # the directories whose modules this process has imported
+    sys.path[:] = [p for p in sys.path if p != HERE]  # a student's import must never find the solution's files
+    imported = set()  # the directories whose modules this process has imported
+    with open(results, 'a', encoding='utf-8') as out:  # opened before any student code runs
+        def send(**record):
+            out.write(json.dumps(record) + '\n')
+            out.flush()  # the grader shows each test as it finishes
+        for job, (n, d) in enumerate(jobs):
+            tests = load_tests(get_exercise(n), f'exercise{n}_compute')
+            for name, module in list(sys.modules.items()):
+                f = getattr(module, '__file__', None)
+                if f and name != '__main__' and os.path.dirname(os.path.abspath(f)) in imported:
+                    del sys.modules[name]
+            imported.add(d)
+            sys.path.insert(0, d)  # `import model` (and compare, ...) must find the student's files
+            os.chdir(d)  # and the student's code may read its configs from there
+            try:
+                M = importlib.import_module('model')
+            except (Exception, SystemExit) as e:  # a syntax error, a missing name: no test can run
+                send(job=job, error=f'model.py does not import: {explain(e, d)}')
+            else:
+                for name, _, fn, _ in tests:
+                    torch.manual_seed(seed)  # the same random numbers, whatever ran before
+                    try:
+                        send(job=job, test=name, output=encode(fn(M, seed)))
+                    except (Exception, SystemExit) as e:  # one broken test must not hide the others' results
+                        send(job=job, test=name, error=explain(e, d))
+            sys.path.remove(d)
 
 
 def explain(e, d):
-    """A failed test in words: the property's message, or the error and where in the student's code it was."""
+    """A failed computation in words: the error, and where in the student's code it was."""
     if isinstance(e, NotImplementedError):
         return f'not written yet ({e})'
-    if isinstance(e, AssertionError):
+    if isinstance(e, AssertionError):  # a compute function's own precondition, e.g. exercise 7's new name
         return str(e) or 'a property does not hold (the test gave no message)'
     # the calls in the student's files that led to the error, the last one with its line of code
-    where = [f for f in traceback.extract_tb(e.__traceback__)
-             if os.path.dirname(os.path.abspath(f.filename)) == d and os.path.abspath(f.filename) != __file__]
+    where = [f for f in traceback.extract_tb(e.__traceback__) if os.path.isfile(f.filename)  # not <frozen ...>
+             and os.path.dirname(os.path.abspath(f.filename)) == d and os.path.abspath(f.filename) != __file__]
     calls = ' -> '.join(f'{f.name} ({os.path.basename(f.filename)} line {f.lineno})' for f in where[-3:])
     at = f'\nin {calls}: {where[-1].line}' if where else ''
     return f'{type(e).__name__}: {" ".join(str(e).split())[:600]}{at}'
 
 
-def check(ex, d, as_json):
+def encode(x):
+    """An output as JSON: tensors with their dtype and shape, numbers, strings, None, and lists, tuples and dicts
+    of them; any other object as the name of its type, so that a check can say what came instead."""
+    import torch
+    if torch.is_tensor(x):
+        x = x.detach().cpu()
+        return {'tensor': [str(x.dtype).removeprefix('torch.'), list(x.shape), x.double().flatten().tolist()]}
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, (list, tuple)):
+        return [encode(v) for v in x] if type(x) is list else {'tuple': [encode(v) for v in x]}
+    if isinstance(x, dict):
+        return {'dict': [[str(k), encode(v)] for k, v in x.items()]}
+    return {'object': type(x).__name__}
+
+
+def decode(x):
+    """encode's inverse, in the grader: plain data only, and whatever does not read back raises (the test fails).
+    Tensors travel as float64 values, which hold every value of the narrower dtypes exactly."""
+    import torch
+    if isinstance(x, list):
+        return [decode(v) for v in x]
+    if not isinstance(x, dict):
+        return x
+    (kind, v), = x.items()
+    if kind == 'tensor':
+        dtype, shape, values = v
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f'{dtype!r} is not a dtype')
+        return torch.tensor(values, dtype=torch.float64).view(shape).to(getattr(torch, dtype))
+    if kind == 'tuple':
+        return tuple(decode(i) for i in v)
+    if kind == 'dict':
+        return {str(k): decode(i) for k, i in v}
+    if kind == 'object':
+        return type(str(v), (), {})()  # an empty object whose type has the name of the child's
+    raise ValueError(f'unknown kind of output {kind!r}')
+
+
+def printable(message):
+    """A failure's message as text only: its words may come from the child, and must not drive your terminal."""
+    return ''.join(c for c in str(message)[:3000] if c.isprintable() or c == '\n')
+
+
+def verdict(check, output, ref):
+    """(passed, message): a check of one output of the child's, run here."""
+    try:
+        check(decode(output), ref)
+        return True, ''
+    except AssertionError as e:
+        return False, str(e) or 'a property does not hold (the test gave no message)'
+    except Exception as e:  # an output of the wrong kind: a list where a tensor should be, a missing entry, ...
+        return False, f'the output is not what the test expects: {type(e).__name__}: ' \
+                      f'{" ".join(str(e).split())[:300]}'
+
+
+def grade(jobs, seed, progress=None):
+    """Grade [(exercise, directory), ...] with one child process for them all (so one submission's code could
+    spoil another's results: check grades one submission per child). Returns for each job the results of its
+    tests, dict(test, title, passed, message), in the order they are written; progress(job, result) is called
+    as each test is checked. A test whose output never comes (the child crashed, exited or hung) fails, so a
+    score is always out of the exercise's number of tests."""
+    if not __debug__:
+        raise SystemExit('the checks are assert statements, which python -O removes: grade without -O')
+    import torch
+    solution = reference()
+    suites = [load_tests(ex, f'exercise{ex.number}_check') for ex, _ in jobs]
+    results = [{} for _ in jobs]  # per job: test name -> result, as they come
+
+    def take(record):
+        """One record of the child's: a test's output or error, or an error for all of a job's tests left."""
+        job, name = record['job'], record.get('test')
+        tests = suites[job] if type(job) is int and 0 <= job < len(jobs) else []
+        for test, title, _, check in tests:
+            if test in results[job] or name not in (None, test):
+                continue  # a test has one result: the first that came
+            passed, message = (False, record['error']) if 'error' in record else \
+                verdict(check, record['output'], Ref(solution, seed, os.path.abspath(jobs[job][1])))
+            results[job][test] = dict(test=test, title=title, passed=passed, message=printable(message))
+            if progress:
+                progress(job, results[job][test])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the references are tiny models too
+    try:
+        with tempfile.TemporaryDirectory(prefix='exercises-') as tmp:
+            path = os.path.join(tmp, 'results.jsonl')  # a fresh name, told only to the child
+            open(path, 'w').close()
+            with open(path, 'rb') as f, open(os.path.join(tmp, 'stderr'), 'w+', errors='replace') as err:
+                # the job goes on stdin, which the child reads before it imports any of the student's code
+                child = subprocess.Popen([sys.executable, os.path.abspath(__file__), '_compute'], cwd=tmp,
+                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, text=True)
+                with suppress(BrokenPipeError):  # a child that died at once is reported below
+                    child.stdin.write(json.dumps(dict(seed=seed, results=path,
+                                                      jobs=[[ex.number, os.path.abspath(d)] for ex, d in jobs])))
+                    child.stdin.close()
+                deadline, rest = time.time() + CHECK_TIMEOUT, b''
+                while True:
+                    ended = child.poll() is not None  # then what it wrote before it ended is read once more
+                    *lines, rest = (rest + f.read()).split(b'\n')
+                    for line in lines:  # one that is not a record (a student's code can write anything) is ignored
+                        with suppress(ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                            take(json.loads(line))
+                    if ended or time.time() > deadline:
+                        break
+                    time.sleep(0.05)
+                if ended:
+                    err.seek(0)
+                    tail = err.read().strip()[-1500:]
+                    why = f'the test process ended (exit {child.returncode}) before this test\'s result' + \
+                        (f': {tail}' if tail else '')
+                else:
+                    child.kill()
+                    child.wait()
+                    why = f'the tests did not finish in {CHECK_TIMEOUT} s (an endless loop in model.py?)'
+    finally:
+        torch.set_num_threads(threads)
+    for job in range(len(jobs)):
+        take(dict(job=job, error=why))  # every test still without a result
+    return [[results[job][test] for test, *_ in suite] for job, suite in enumerate(suites)]
+
+
+def check(ex, d, as_json, seed):
     d = os.path.abspath(d)
     if not os.path.isfile(os.path.join(d, 'model.py')):
         raise SystemExit(f'{os.path.join(d, "model.py")} not found: check a student copy made with '
                          f'`python exercises.py make {ex.number} --out=DIR`, with --dir=DIR or from inside it')
     t0 = time.time()
-    # a child process: the student's `model` must not meet the solution's in one interpreter, and an endless
-    # loop or a crash in the student's code must end as a failed check, not as a hung or dead grader
-    try:
-        child = subprocess.run([sys.executable, os.path.abspath(__file__), '_run', str(ex.number), d], cwd=d,
-                               capture_output=True, text=True, timeout=CHECK_TIMEOUT)
-        out = [line for line in child.stdout.splitlines() if line.startswith(RESULTS)]  # past the student's prints
-        results = json.loads(out[-1][len(RESULTS):])[0] if child.returncode == 0 and out else None
-        why = f'the test process failed (exit {child.returncode}): {child.stderr.strip()[-1500:]}'
-    except subprocess.TimeoutExpired:
-        results, why = None, f'the tests did not finish in {CHECK_TIMEOUT} s (an endless loop in model.py?)'
-    if results is None:  # graded as one failed test, so the score is 0 and the message says why
-        results = [dict(test='run', title='the tests run', passed=False, message=why)]
+    # progress on the terminal as each test is checked; with --json on stderr, so that stdout is only the JSON
+    show = sys.stderr if as_json else sys.stdout
+    print(f'exercise {ex.number} ({ex.name}) on {os.path.join(d, "model.py")}, seed {seed}', file=show)
+
+    def progress(job, r):
+        print(f'  {"PASS" if r["passed"] else "FAIL"}  {r["title"]}', file=show, flush=True)
+        if not r['passed'] and not as_json:
+            print('\n'.join('        ' + line for line in r['message'].splitlines()), flush=True)
+
+    [results] = grade([(ex, d)], seed, progress)
     passed = sum(r['passed'] for r in results)
     if as_json:
-        print(json.dumps(dict(exercise=ex.number, name=ex.name, dir=d, passed=passed, total=len(results),
-                              score=round(passed / len(results), 4), seconds=round(time.time() - t0, 1),
-                              tests=results), indent=1))
+        print(json.dumps(dict(exercise=ex.number, name=ex.name, dir=d, seed=seed, passed=passed,
+                              total=len(results), score=round(passed / len(results), 4),
+                              seconds=round(time.time() - t0, 1), tests=results), indent=1))
     else:
-        print(f'exercise {ex.number} ({ex.name}) on {os.path.join(d, "model.py")}')
-        for r in results:
-            print(f'  {"PASS" if r["passed"] else "FAIL"}  {r["title"]}')
-            if not r['passed']:
-                print('\n'.join('        ' + line for line in r['message'].splitlines()))
         print(f'score: {passed}/{len(results)} tests passed' + (' - done!' if passed == len(results) else ''))
     return passed == len(results)
+
 
 # ----------------------------------------------------------------------------------------------------------
 
 USAGE = """usage:
   python exercises.py list
   python exercises.py make N --out=DIR
-  python exercises.py check N [--dir=DIR] [--json]"""
+  python exercises.py check N [--dir=DIR] [--json] [--seed=S]"""
 
 
 def main(argv):
@@ -284,13 +432,13 @@ def main(argv):
         print(__doc__ + '\n' + USAGE)
         return 0
     cmd, args = argv[0], argv[1:]
-    if cmd == '_run':  # the child process of check: N DIR [N DIR ...] -> a list of results, one JSON line
-        print(RESULTS + json.dumps([run_tests(get_exercise(n), d) for n, d in zip(args[::2], args[1::2])]))
+    if cmd == '_compute':  # the child process of check: its job comes on stdin, read before any student code
+        compute(**json.loads(sys.stdin.read()))
         return 0
     # --key=value options (a bare --json is --json=) and positional arguments, in any order
     opts = dict(a.removeprefix('--').partition('=')[::2] for a in args if a.startswith('--'))
     pos = [a for a in args if not a.startswith('--')]
-    known = {'list': set(), 'make': {'out'}, 'check': {'dir', 'json'}}
+    known = {'list': set(), 'make': {'out'}, 'check': {'dir', 'json', 'seed'}}
     if cmd not in known:
         raise SystemExit(f'unknown command {cmd!r}\n{USAGE}')
     if set(opts) - known[cmd] or len(pos) != (cmd != 'list'):
@@ -306,7 +454,11 @@ def main(argv):
         make(ex, opts['out'])
         return 0
     as_json = opts.get('json', 'false').lower() in ('', '1', 'true')  # --json alone, or --json=True
-    return 0 if check(ex, opts.get('dir') or '.', as_json) else 1
+    # a new seed for every run, so that no output can be prepared; --seed=S repeats a run to look into it
+    seed = opts.get('seed') or str(secrets.randbelow(2 ** 31))
+    if not seed.isdigit():
+        raise SystemExit(f'--seed={seed}: expected an integer >= 0\n{USAGE}')
+    return 0 if check(ex, opts.get('dir') or '.', as_json, int(seed)) else 1
 
 
 if __name__ == '__main__':

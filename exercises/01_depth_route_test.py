@@ -1,14 +1,14 @@
-"""Exercise 1: depth_route, the softmax over depth. Graded by `python exercises.py check 1`; pytest runs it too.
-Every reference value is computed here by a plain loop in float64."""
+"""Exercise 1: depth_route, the softmax over depth. Graded by `python exercises.py check 1`.
+Each test is a pair: compute_X(M, seed) runs the student's model.py (M) on inputs made from the seed, in a child
+process, and returns the outputs; check_X(out, ref) runs in the grader, makes the same inputs from ref.seed and
+checks the outputs. Every reference value is computed here by a plain loop in float64."""
 
 import math
 
 import torch
 
-from model import GPT, GPTConfig, depth_route
 
-
-def sources(n=4, B=2, T=3, d=8, seed=0, dtype=torch.float64):
+def sources(seed, n=4, B=2, T=3, d=8, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     srcs = [torch.randn(B, T, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(n)]
     logits = [2 * torch.randn(B, T, generator=g, dtype=torch.float64) for _ in range(n)]
@@ -34,10 +34,12 @@ def worst(got, want):
     return tuple(int(j) for j in torch.unravel_index(err.argmax(), err.shape))
 
 
-def test_returns_the_mixture_and_the_weights():
+def compute_returns_the_mixture_and_the_weights(M, seed):
     """returns (mix, a): the mixture (B, T, d) and the weights (n, B, T)"""
-    srcs, logits = sources()
-    result = depth_route(srcs, logits)
+    return M.depth_route(*sources(seed))
+
+
+def check_returns_the_mixture_and_the_weights(result, ref):
     assert isinstance(result, tuple) and len(result) == 2, \
         f'depth_route should return a pair (mix, a); it returned {type(result).__name__}'
     mix, a = result
@@ -47,9 +49,12 @@ def test_returns_the_mixture_and_the_weights():
         f'the weights a should be (n, B, T) = (4, 2, 3), one per source and token; they are {tuple(a.shape)}'
 
 
-def test_weights_sum_to_one_over_depth():
+def compute_weights_sum_to_one_over_depth(M, seed):
     """for every token the weights over the sources are positive and sum to 1"""
-    _, a = depth_route(*sources())
+    return M.depth_route(*sources(seed))[1]
+
+
+def check_weights_sum_to_one_over_depth(a, ref):
     sums = a.double().sum(0)
     i = worst(sums, torch.ones_like(sums))
     assert torch.allclose(sums, torch.ones_like(sums), atol=1e-9), \
@@ -58,10 +63,13 @@ def test_weights_sum_to_one_over_depth():
     assert (a > 0).all(), f'softmax weights are positive; the smallest is {a.min():.4g}'
 
 
-def test_weights_are_the_softmax_of_the_logits():
+def compute_weights_are_the_softmax_of_the_logits(M, seed):
     """the weights are softmax_i(logit_i), computed per token"""
-    srcs, logits = sources()
-    _, a = depth_route(srcs, logits)
+    return M.depth_route(*sources(seed))[1]
+
+
+def check_weights_are_the_softmax_of_the_logits(a, ref):
+    _, logits = sources(ref.seed)
     want = softmax_loop(logits)
     i = worst(a, want)
     assert torch.allclose(a.double(), want, atol=1e-9), \
@@ -69,10 +77,13 @@ def test_weights_are_the_softmax_of_the_logits():
         f'{[round(float(lg[i[1:]]), 3) for lg in logits]}; read {a[i]:.6f}'
 
 
-def test_mixture_is_the_weighted_sum_of_the_sources():
+def compute_mixture_is_the_weighted_sum_of_the_sources(M, seed):
     """mix = sum_i a_i v_i, with the raw sources as the values"""
-    srcs, logits = sources()
-    mix, _ = depth_route(srcs, logits)
+    return M.depth_route(*sources(seed))[0]
+
+
+def check_mixture_is_the_weighted_sum_of_the_sources(mix, ref):
+    srcs, logits = sources(ref.seed)
     a = softmax_loop(logits)
     want = torch.zeros_like(srcs[0])
     for i, v in enumerate(srcs):
@@ -82,10 +93,15 @@ def test_mixture_is_the_weighted_sum_of_the_sources():
         f'mix at (b, t, channel) = {i} should be sum_i a_i v_i = {want[i]:.6f}; read {mix[i]:.6f}'
 
 
-def test_equal_logits_give_the_mean():
+def compute_equal_logits_give_the_mean(M, seed):
     """equal logits (a zero query) give the plain mean of the sources"""
-    srcs, _ = sources(n=3)
-    mix, a = depth_route(srcs, [torch.zeros(2, 3, dtype=torch.float64)] * 3)
+    srcs, _ = sources(seed, n=3)
+    return M.depth_route(srcs, [torch.zeros(2, 3, dtype=torch.float64)] * 3)
+
+
+def check_equal_logits_give_the_mean(result, ref):
+    mix, a = result
+    srcs, _ = sources(ref.seed, n=3)
     want = sum(srcs) / 3
     assert torch.allclose(a.double(), torch.full_like(a.double(), 1 / 3)), \
         f'with all logits equal every weight should be 1/3; read {a.flatten()[:3].tolist()}'
@@ -95,41 +111,53 @@ def test_equal_logits_give_the_mean():
         f'read {mix[i]:.6f}'
 
 
-def test_large_logits_stay_finite():
+def compute_large_logits_stay_finite(M, seed):
     """logits near 1000 give finite weights (exp(1000) overflows: subtract the max, or use softmax)"""
-    srcs, logits = sources(n=3)
-    big = [lg + 1000 for lg in logits]
-    mix, a = depth_route(srcs, big)
+    srcs, logits = sources(seed, n=3)
+    mix, a = M.depth_route(srcs, [lg + 1000 for lg in logits])
+    return mix, a, M.depth_route(srcs, logits)[1]
+
+
+def check_large_logits_stay_finite(result, ref):
+    mix, a, a0 = result
     assert torch.isfinite(a).all() and torch.isfinite(mix).all(), \
         f'logits near 1000 gave non-finite weights ({a.flatten()[0]:.4g}, ...): exp(1000) overflows. ' \
         f'Use softmax, or subtract the largest logit before exp'
-    _, a0 = depth_route(srcs, logits)
     assert torch.allclose(a.double(), a0.double(), atol=1e-9), \
         'adding the same constant (1000) to every logit should not change the weights'
 
 
-def test_half_precision_sources_give_an_fp32_mixture():
+def compute_half_precision_sources_give_an_fp32_mixture(M, seed):
     """bfloat16 sources are mixed in float32 (the docstring: 'in fp32'), float64 stays float64"""
-    srcs, logits = sources(dtype=torch.bfloat16)
-    mix, _ = depth_route(srcs, [lg.float() for lg in logits])
+    srcs, logits = sources(seed, dtype=torch.bfloat16)
+    mix, _ = M.depth_route(srcs, [lg.float() for lg in logits])
+    return mix, M.depth_route(*sources(seed))[0]
+
+
+def check_half_precision_sources_give_an_fp32_mixture(result, ref):
+    mix, mix64 = result
     assert mix.dtype == torch.float32, \
         f'for bfloat16 sources the mixture should come back in float32; it is {mix.dtype}. Convert each source ' \
         f'with wide(v) (defined in model.py) before multiplying'
-    srcs64, logits64 = sources()
-    mix64, _ = depth_route(srcs64, logits64)
     assert mix64.dtype == torch.float64, f'float64 sources should give a float64 mixture; got {mix64.dtype}'
 
 
-def test_gradients_reach_the_sources_and_the_logits():
+def compute_gradients_reach_the_sources_and_the_logits(M, seed):
     """gradients flow back to every source and every logit"""
-    srcs, logits = sources(n=3)
+    srcs, logits = sources(seed, n=3)
     for t in srcs + logits:
         t.requires_grad_(True)
-    mix, _ = depth_route(srcs, logits)
+    mix, _ = M.depth_route(srcs, logits)
     (mix * torch.linspace(-1, 1, 8, dtype=torch.float64)).sum().backward()
+    return [t.grad for t in srcs], [t.grad for t in logits]
+
+
+def check_gradients_reach_the_sources_and_the_logits(grads, ref):
+    srcs, logits = grads
     for name, group in (('source', srcs), ('logit', logits)):
-        for i, t in enumerate(group):
-            assert t.grad is not None and t.grad.abs().sum() > 0, \
+        for i in range(3):  # the test's count, not the output's: every one of them must have come back
+            g = group[i]
+            assert g is not None and g.abs().sum() > 0, \
                 f'no gradient reached {name} {i}: is something detached, or computed outside autograd?'
 
 
@@ -141,14 +169,36 @@ def route_loop(srcs, q, g, eps=1e-6):
     return torch.einsum('nbt,nbtd->btd', a, V)
 
 
-def test_attnres_model_matches_a_loop_over_depth():
-    """a whole Full AttnRes model, with random queries, matches a loop written from the paper"""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=2, n_head=2, n_embd=16, residual='attnres'))
+def attnres_model(M, seed):
+    """A Full AttnRes model in float64, with random queries; and its tokens."""
+    torch.manual_seed(seed)
+    model = M.GPT(M.GPTConfig(block_size=8, vocab_size=64, n_layer=2, n_head=2, n_embd=16, residual='attnres'))
     model = model.double().eval()
     with torch.no_grad():
         model.stream.query.normal_(0, 2.0)
-    idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    return model, torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(seed + 1))
+
+
+def same_weights(weights, model):
+    """The student's model, built from the same seed, has the weights of the grader's, which the loop uses."""
+    for name, p in model.state_dict().items():
+        w = weights.get(name)
+        assert torch.is_tensor(w) and w.shape == p.shape and torch.equal(w, p), \
+            f'{name} is not what model.py makes from the same seed: the tests need GPT.__init__ and the ' \
+            f'init of every module as they were handed out'
+
+
+def compute_attnres_model_matches_a_loop_over_depth(M, seed):
+    """a whole Full AttnRes model, with random queries, matches a loop written from the paper"""
+    model, idx = attnres_model(M, seed)
+    with torch.no_grad():
+        return model.state_dict(), model(idx, idx)[0]
+
+
+def check_attnres_model_matches_a_loop_over_depth(result, ref):
+    weights, got = result
+    model, idx = attnres_model(ref.model, ref.seed)
+    same_weights(weights, model)
     q, g = model.stream.query, model.stream.key_gain
     with torch.no_grad():
         e = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(8))
@@ -156,6 +206,5 @@ def test_attnres_model_matches_a_loop_over_depth():
         for s, (norm, f) in enumerate(model.sublayers()):
             srcs.append(f(norm(route_loop(srcs, q[s], g[s]))))
         want = model.lm_head(model.transformer.ln_f(route_loop(srcs, q[-1], g[-1])))
-        got, _ = model(idx, idx)
     err = (got - want).abs().max().item()
     assert err < 1e-9, f'the AttnRes model\'s logits differ from the paper\'s loop by up to {err:.3g}'

@@ -1,7 +1,14 @@
 """Exercise 7 (open-ended): a new residual variant behind the start/read/write/final interface. Graded by
-`python exercises.py check 7`; pytest runs it too. The tests find the variant as the name in model.RESIDUALS
-that is not one of the four built in, check the interface and a short training run, and that compare.py and a
-written comparison know about it. What the comparison says is for the instructor to read."""
+`python exercises.py check 7`. Each test is a pair: compute_X(M, seed) runs the student's model.py (M) in a child
+process and returns the outputs; check_X(out, ref) runs in the grader and checks them. The tests find the variant
+as the name in model.RESIDUALS that is not one of the four built in, check the interface and a short training
+run, and that compare.py and a written comparison know about it. What the comparison says is for the instructor
+to read.
+
+A new variant has no reference to hold its outputs to, so most of what the child sends here is its word: a
+child that lies can claim the interface, causality, gradients, its training run and compare.RUNS. What the
+grader checks by itself: the loss at init (from the logits), the standard stream's loss after the same training
+run (trained here), that model.py names the variant, its config file, and comparison.md."""
 
 import ast
 import math
@@ -9,14 +16,13 @@ import os
 import re
 
 import torch
-
-import model as M
+from torch.nn import functional as F
 
 BUILT_IN = ('standard', 'ddl', 'attnres', 'delta')
 VOCAB, T = 64, 16
 
 
-def new_variant():
+def new_variant(M):
     """The one name in RESIDUALS that is not built in."""
     new = [r for r in M.RESIDUALS if r not in BUILT_IN]
     assert len(new) == 1, \
@@ -25,77 +31,107 @@ def new_variant():
     return new[0]
 
 
-def tiny(name, seed=0, n_layer=2, n_embd=32):
+def named_in_model_py(name, ref):
+    """In the grader: the child's name for the variant, which must be written in the submission's model.py (and
+    names files there, so it may hold letters, digits and _ only)."""
+    assert isinstance(name, str) and re.fullmatch(r'\w+', name), f'{name!r} is not a variant name'
+    with open(os.path.join(ref.dir, 'model.py'), encoding='utf-8', errors='replace') as f:
+        text = f.read()
+    assert f"'{name}'" in text or f'"{name}"' in text, f'model.py does not name the variant {name!r}'
+    return name
+
+
+def tiny(M, name, seed, n_layer=2, n_embd=32):
     torch.manual_seed(seed)
-    return M.GPT(M.GPTConfig(block_size=T, vocab_size=VOCAB, n_layer=n_layer, n_head=2, n_embd=n_embd, residual=name))
+    return M.GPT(M.GPTConfig(block_size=T, vocab_size=VOCAB, n_layer=n_layer, n_head=2, n_embd=n_embd,
+                             residual=name))
 
 
-def tokens(B=2, seed=1):
+def tokens(seed, B=2):
     return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def perturb(model, seed=3):
+def perturb(model, seed):
     """Move the variant's own parameters away from their init, where some gradients can be zero."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 3)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.startswith('stream.'):
                 p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-def test_the_variant_is_its_own_module():
+def compute_the_variant_is_its_own_module(M, seed):
     """a new name in RESIDUALS builds its own stream module with start/read/write/final"""
-    name = new_variant()
-    model = tiny(name)
+    name = new_variant(M)
+    stream = tiny(M, name, seed).stream
     built_in = tuple(c for c in (getattr(M, n, None) for n in ('Standard', 'DeepDelta', 'Routed')) if c)
-    assert type(model.stream) not in built_in, \
-        f'residual={name!r} builds a {type(model.stream).__name__}, one of the built-in streams: write a module ' \
-        f'of your own (it may subclass one) and build it in GPT.__init__'
-    missing = [m for m in ('start', 'read', 'write', 'final') if not callable(getattr(model.stream, m, None))]
+    missing = [m for m in ('start', 'read', 'write', 'final') if not callable(getattr(stream, m, None))]
+    return name, type(stream).__name__, type(stream) in built_in, missing
+
+
+def check_the_variant_is_its_own_module(out, ref):
+    name, kind, built_in, missing = out
+    named_in_model_py(name, ref)
+    assert not built_in, \
+        f'residual={name!r} builds a {kind}, one of the built-in streams: write a module of your own (it may ' \
+        f'subclass one) and build it in GPT.__init__'
     assert not missing, f'your stream module lacks {", ".join(missing)}'
 
 
-def test_shapes_loss_at_init_and_generation():
+def compute_shapes_loss_at_init_and_generation(M, seed):
     """logits (B, T, vocab), a loss near ln(vocab) at init, and generation past block_size"""
-    model = tiny(new_variant()).eval()
-    logits, loss = model(tokens(), tokens(seed=2))
+    model = tiny(M, new_variant(M), seed).eval()
+    with torch.no_grad():
+        logits, _ = model(tokens(seed + 1), tokens(seed + 2))
+    return logits, model.generate(tokens(seed + 1)[:, :4], max_new_tokens=T + 2, top_k=5)
+
+
+def check_shapes_loss_at_init_and_generation(out, ref):
+    logits, generated = out
     assert logits.shape == (2, T, VOCAB) and torch.isfinite(logits).all(), \
         f'logits should be finite, of shape {(2, T, VOCAB)}; got {tuple(logits.shape)}'
-    assert abs(loss.item() - math.log(VOCAB)) < 0.5, \
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB).float(), tokens(ref.seed + 2).view(-1)).item()
+    assert abs(loss - math.log(VOCAB)) < 0.5, \
         f'at init the loss should be near ln({VOCAB}) = {math.log(VOCAB):.3f} (near-uniform predictions); it is ' \
-        f'{loss.item():.3f}: does the stream blow up or shrink the embedding at init?'
-    out = model.generate(tokens()[:, :4], max_new_tokens=T + 2, top_k=5)
-    assert out.shape == (2, T + 6), f'generate returned {tuple(out.shape)}, expected {(2, T + 6)}'
+        f'{loss:.3f}: does the stream blow up or shrink the embedding at init?'
+    assert generated.shape == (2, T + 6), f'generate returned {tuple(generated.shape)}, expected {(2, T + 6)}'
 
 
-def test_the_variant_is_causal():
+def compute_the_variant_is_causal(M, seed):
     """changing future tokens does not change the logits of earlier ones"""
-    model = tiny(new_variant()).eval()
-    perturb(model)
-    idx = tokens()
+    model = tiny(M, new_variant(M), seed).eval()
+    perturb(model, seed)
+    idx = tokens(seed + 1)
     idx2 = idx.clone()
     idx2[:, 9:] = (idx2[:, 9:] + 1) % VOCAB
     with torch.no_grad():
-        a, b = model(idx, idx)[0], model(idx2, idx2)[0]
-    err = (a[:, :9] - b[:, :9]).abs().max().item()
+        return model(idx, idx)[0][:, :9], model(idx2, idx2)[0][:, :9]
+
+
+def check_the_variant_is_causal(out, ref):
+    a, b = out
+    err = (a - b).abs().max().item()
     assert err < 1e-5, f'changing tokens 9.. changed the logits of tokens 0..8 by up to {err:.3g}: the stream ' \
                        f'must not mix information across positions'
 
 
-def test_gradients_reach_every_parameter():
+def compute_gradients_reach_every_parameter(M, seed):
     """after a small perturbation, backward reaches every parameter of the model"""
-    model = tiny(new_variant())
-    perturb(model)
-    model(tokens(), tokens(seed=2))[1].backward()
-    dead = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+    model = tiny(M, new_variant(M), seed)
+    perturb(model, seed)
+    model(tokens(seed + 1), tokens(seed + 2))[1].backward()
+    return [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
             or p.grad.abs().sum() == 0]
+
+
+def check_gradients_reach_every_parameter(dead, ref):
     assert not dead, f'no (or a non-finite) gradient reached: {", ".join(dead[:6])}'
 
 
-def train(name, steps=60):
+def train(M, name, seed, steps=60):
     """A short run: AdamW on one fixed batch of a simple sequence rule; returns (first loss, last loss)."""
-    model = tiny(name, seed=0)
-    g = torch.Generator().manual_seed(0)
+    model = tiny(M, name, seed)
+    g = torch.Generator().manual_seed(seed)
     start = torch.randint(0, VOCAB, (8, 1), generator=g)
     seq = (start + 7 * torch.arange(T + 1)) % VOCAB  # token t+1 = token t + 7: learnable from one token
     x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
@@ -110,11 +146,15 @@ def train(name, steps=60):
     return losses[0], losses[-1]
 
 
-def test_a_short_training_run_learns():
+def compute_a_short_training_run_learns(M, seed):
     """60 steps on a simple rule: the loss falls, and ends within 0.5 of the standard stream's"""
-    name = new_variant()
-    first, last = train(name)
-    _, standard = train('standard')
+    name = new_variant(M)
+    return name, *train(M, name, seed)
+
+
+def check_a_short_training_run_learns(out, ref):
+    name, first, last = out
+    _, standard = train(ref.model, 'standard', ref.seed)  # the reference run, here: it is not the child's word
     assert math.isfinite(last) and last < 0.5 * first, \
         f'{name}: the loss went from {first:.3f} to {last:.3f} in 60 steps; it should at least halve ' \
         f'(the standard stream reaches {standard:.3f})'
@@ -123,29 +163,43 @@ def test_a_short_training_run_learns():
 
 
 def config_value(path, key):
-    """The value of `key = ...` in a config file, or None."""
-    for node in ast.parse(open(path).read()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, 'id', None) == key for t in node.targets):
-            return ast.literal_eval(node.value)
+    """The value of `key = ...` in a config file, or None (read with ast, never run)."""
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for node in ast.parse(f.read()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, 'id', None) == key for t in node.targets):
+                return ast.literal_eval(node.value)
     return None
 
 
-def test_compare_py_runs_the_variant():
+def compute_compare_py_runs_the_variant(M, seed):
     """compare.py lists the variant and configs/compare_<name>.py selects it"""
-    name = new_variant()
-    path = os.path.join('configs', f'compare_{name}.py')
-    assert os.path.isfile(path), f'{path} not found: copy configs/compare_delta.py and set residual = {name!r}'
-    assert config_value(path, 'residual') == name, f'{path} should set residual = {name!r}'
+    name = new_variant(M)
     import compare
-    assert name in compare.RUNS, f'compare.RUNS should include {name!r}, so that compare.py trains it'
+    return name, list(compare.RUNS)
 
 
-def test_a_written_comparison():
+def check_compare_py_runs_the_variant(out, ref):
+    name, runs = out
+    name = named_in_model_py(name, ref)
+    path = os.path.join('configs', f'compare_{name}.py')
+    assert os.path.isfile(os.path.join(ref.dir, path)), \
+        f'{path} not found: copy configs/compare_delta.py and set residual = {name!r}'
+    assert config_value(os.path.join(ref.dir, path), 'residual') == name, f'{path} should set residual = {name!r}'
+    assert name in runs, f'compare.RUNS should include {name!r}, so that compare.py trains it'
+
+
+def compute_a_written_comparison(M, seed):
     """comparison.md: at least 150 words, naming the variant and giving numbers"""
-    name = new_variant()
-    assert os.path.isfile('comparison.md'), \
+    return new_variant(M)
+
+
+def check_a_written_comparison(name, ref):
+    name = named_in_model_py(name, ref)
+    path = os.path.join(ref.dir, 'comparison.md')
+    assert os.path.isfile(path), \
         'comparison.md not found: write your comparison with the other variants there (next to model.py)'
-    text = open('comparison.md', encoding='utf-8').read()
+    with open(path, encoding='utf-8', errors='replace') as f:
+        text = f.read()
     words = len(text.split())
     assert words >= 150, f'comparison.md has {words} words; write at least 150'
     assert name in text, f'comparison.md should name your variant ({name!r})'

@@ -1,6 +1,7 @@
-"""exercises.py: make cuts out exactly the exercise's function bodies and leaks nothing, and every exercise's
-tests fail on its blanked copy and pass on the solution (model.py; for the open-ended exercise 7, a reference
-variant written here)."""
+"""exercises.py: make cuts out exactly the exercise's function bodies and leaks nothing; every exercise's tests
+fail on its blanked copy and pass on the copy with the solution put back (for the open-ended exercise 7, a
+reference variant written here); and the grade comes from the grader's own checks, not from anything the
+student's code prints, writes or patches in the child process it runs in."""
 
 import ast
 import json
@@ -14,6 +15,7 @@ import exercises
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOLUTION = open(os.path.join(ROOT, 'model.py')).read()
+FAST = ('fast', 'fastroute.py', 'fastddl.py')  # the fast GPU paths, as a copy's first path component
 
 
 def functions(source):
@@ -28,11 +30,21 @@ def functions(source):
     return out
 
 
-def check(n, d):
-    """exercises.py check n --dir=d --json, as a gradebook would run it: (exit code, report)."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'exercises.py'), 'check', str(n), f'--dir={d}', '--json'],
-                       capture_output=True, text=True, timeout=300)
-    return r.returncode, json.loads(r.stdout)
+def files_under(d):
+    return {os.path.relpath(os.path.join(dirpath, f), d) for dirpath, _, names in os.walk(d) for f in names
+            if '__pycache__' not in dirpath}
+
+
+def check(n, d, *flags):
+    """exercises.py check n --dir=d [flags], as a student or a gradebook would run it: (exit code, stdout,
+    stderr)."""
+    cmd = [sys.executable, os.path.join(ROOT, 'exercises.py'), 'check', str(n), f'--dir={d}', *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stdout, r.stderr
+
+
+def number_of_tests(n):
+    return len(exercises.load_tests(exercises.get_exercise(n), 'count'))
 
 
 def test_list_names_every_exercise(capsys):
@@ -41,8 +53,8 @@ def test_list_names_every_exercise(capsys):
     assert len(lines) == len(exercises.EXERCISES) >= 7
     for ex, line in zip(exercises.EXERCISES, lines):
         assert line.split()[:3] == [str(ex.number), ex.name, ex.difficulty] and f'{ex.minutes} min' in line
-        md, test = exercises.files_of(ex)  # every exercise has a statement and tests
-        assert os.path.isfile(os.path.join(ROOT, md)) and os.path.isfile(os.path.join(ROOT, test))
+        md, test = exercises.files_of(ex)  # every exercise has a statement and tests, each a compute/check pair
+        assert os.path.isfile(os.path.join(ROOT, md)) and number_of_tests(ex.number) >= 5
 
 
 @pytest.mark.parametrize('ex', exercises.EXERCISES, ids=lambda ex: ex.name)
@@ -50,8 +62,15 @@ def test_make_cuts_out_exactly_the_exercise(tmp_path, ex):
     out = tmp_path / 'student'
     exercises.make(ex, str(out))
     assert not (out / 'tests').exists() and (out / exercises.files_of(ex)[0]).is_file()
-    assert (out / 'fastroute.py').read_text() == exercises.FASTROUTE_STAND_IN  # not the fused routing math
-    assert (out / 'fastddl.py').read_text() == exercises.FASTDDL_STAND_IN  # nor the fused delta rule
+    assert (out / 'exercises' / 'README.md').is_file()
+    copied = files_under(out)
+    for path in copied - {'model.py'}:  # no stand-ins: every other file is the project's, as it is
+        assert (out / path).read_bytes() == open(os.path.join(ROOT, path), 'rb').read(), path
+    fast = {p for p in files_under(ROOT) if p.split(os.sep)[0] in FAST}
+    if ex.targets:  # the fast paths re-implement what the exercises ask for: none in the copy
+        assert not {p for p in copied if p.split(os.sep)[0] in FAST}
+    else:  # exercise 7 cuts nothing, and its compare.py must run
+        assert fast <= copied
     student = (out / 'model.py').read_text()
     before, after = functions(SOLUTION), functions(student)
     cut = {q for q in before if q in ex.targets or q.split('.')[0] in ex.targets}
@@ -135,36 +154,102 @@ def answer_exercise_7(d):
 
 @pytest.mark.slow
 def test_every_exercise_fails_blanked_and_passes_solved(tmp_path):
-    jobs = []  # (exercise, directory, solved?)
+    jobs, solved = [], []
     for ex in exercises.EXERCISES:
-        d = tmp_path / f'ex{ex.number}'
-        exercises.make(ex, str(d))
-        jobs.append((ex, d, False))
-        if ex.number == 7:
-            solved = tmp_path / 'ex7_solved'
-            exercises.make(ex, str(solved))
-            answer_exercise_7(str(solved))
-            jobs.append((ex, solved, True))
-        else:
-            jobs.append((ex, ROOT, True))
-    # one child process grades every directory in turn (what `check` runs, without a torch import per job)
-    args = [str(a) for ex, d, _ in jobs for a in (ex.number, d)]
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'exercises.py'), '_run', *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    reports = json.loads(r.stdout.splitlines()[-1].removeprefix(exercises.RESULTS))
-    for (ex, d, solved), results in zip(jobs, reports):
+        for answer in (False, True):
+            d = tmp_path / f'ex{ex.number}{"_solved" if answer else ""}'
+            exercises.make(ex, str(d))
+            if answer and ex.number == 7:
+                answer_exercise_7(str(d))
+            elif answer:  # the solution put back into the copy, which must need nothing it leaves out
+                (d / 'model.py').write_text(SOLUTION)
+            jobs.append((ex, str(d)))
+            solved.append(answer)
+    # one child process computes for every directory in turn (what `check` runs, without a torch import per job)
+    for (ex, d), answer, results in zip(jobs, solved, exercises.grade(jobs, seed=1234)):
+        assert len(results) == number_of_tests(ex.number) >= 5
         failed = [t['title'] + ': ' + t['message'] for t in results if not t['passed']]
-        if solved:
-            assert not failed and len(results) >= 5, (ex.name, failed)
+        if answer:
+            assert not failed, (ex.name, failed)
         else:  # every test fails on the blanked copy: each one exercises the cut-out code
             assert len(failed) == len(results), (ex.name, results)
 
 
-def test_check_exit_code_and_json(tmp_path):
-    code, report = check(3, ROOT)
-    assert code == 0 and report['passed'] == report['total'] > 0 and report['score'] == 1.0
+def test_check_exit_code_json_and_progress(tmp_path):
+    n = number_of_tests(3)
+    code, out, err = check(3, ROOT, '--json')
+    report = json.loads(out)  # stdout is the JSON alone: the progress went to stderr, one line per test
+    assert code == 0 and report['passed'] == report['total'] == n and report['score'] == 1.0
+    assert sum(line.startswith('  PASS  ') for line in err.splitlines()) == n
+    assert f'seed {report["seed"]}' in err.splitlines()[0]  # drawn for this run, and told, to repeat it
     exercises.make(exercises.get_exercise(3), str(tmp_path / 'ex3'))
-    code, report = check(3, tmp_path / 'ex3')
-    assert code == 1 and report['passed'] == 0
-    assert all('not written yet (exercise 3: write Standard.' in t['message'] for t in report['tests'])
+    code, out, err = check(3, tmp_path / 'ex3', '--seed=7')
+    lines = out.splitlines()
+    assert code == 1 and 'seed 7' in lines[0] and lines[-1] == f'score: 0/{n} tests passed'
+    assert sum(line.startswith('  FAIL  ') for line in lines) == n
+    assert out.count('not written yet (exercise 3: write Standard.') == n
+
+
+def blank_copy(tmp_path, name, code):
+    """A copy of exercise 3, left blank, whose model.py ends with code."""
+    d = tmp_path / name
+    exercises.make(exercises.get_exercise(3), str(d))
+    with open(d / 'model.py', 'a') as f:
+        f.write('\n' + code)
+    return str(d)
+
+
+# Student code that tries to pass exercise 3 without writing it. Each runs when the child imports model.py; the
+# last one changes the child process for whatever runs after it, so it goes last.
+TAMPERING = {
+    # the old grader took the last line of this form from the child's output
+    'prints_fake_results': '''
+import atexit, json
+ok = [dict(test=f'test_{i}', title='', passed=True, message='') for i in range(6)]
+atexit.register(print, 'exercise results: ' + json.dumps([ok]))
+atexit.register(print, json.dumps(dict(job=0, test='start_returns_the_state_as_a_dict', passed=True)))
+''',
+    # finds where the child writes its results, and writes "outputs" there first
+    'writes_its_own_results': '''
+import json, sys
+frame = sys._getframe()
+while 'results' not in frame.f_locals:
+    frame = frame.f_back
+with open(frame.f_locals['results'], 'a') as f:
+    for name, *_ in frame.f_locals['tests']:
+        f.write(json.dumps(dict(job=frame.f_locals['job'], test=name, passed=True, output=None)) + '\\n')
+''',
+    'sys_exit': 'import sys\nsys.exit(0)\n',
+    'syntax_error': 'def broken(:\n',
+    # the asserts, the test functions (now and later), exiting
+    'patches_the_tests': '''
+import gc, sys, types, torch, torch.testing
+torch.testing.assert_close = lambda *a, **k: None
+torch.allclose = torch.equal = lambda *a, **k: True
+sys.exit = lambda *a: None
+for f in [o for o in gc.get_objects() if isinstance(o, types.FunctionType)]:
+    if f.__name__.startswith(('check_', 'verdict', 'test_')) and not f.__code__.co_freevars:
+        f.__code__ = (lambda *a, **k: None).__code__
+''',
+}
+
+
+def test_tampering_student_code_fails_every_test(tmp_path):
+    """Each of these in a blank copy is graded 0/N, N the exercise's real number of tests, as it would be
+    without it: nothing the child prints, patches or writes passes a test."""
+    n = number_of_tests(3)
+    jobs = [(exercises.get_exercise(3), blank_copy(tmp_path, name, code)) for name, code in TAMPERING.items()]
+    graded = dict(zip(TAMPERING, exercises.grade(jobs, seed=99)))
+    for name, results in graded.items():
+        assert len(results) == n and not any(r['passed'] for r in results), (name, results)
+    for name, error in (('sys_exit', 'SystemExit: 0'), ('syntax_error', 'SyntaxError')):
+        assert all(r['message'].startswith(f'model.py does not import: {error}') for r in graded[name])
+
+
+def test_exiting_early_fails_every_test(tmp_path):
+    """A child that ends before sending its results (os._exit(0) in model.py, even at the first test) fails
+    every test, and says why."""
+    d = blank_copy(tmp_path, 'exits', 'import os\nStandard.start = lambda self, e: os._exit(0)\n')
+    results = exercises.grade([(exercises.get_exercise(3), d)], seed=5)[0]
+    assert len(results) == number_of_tests(3) and not any(r['passed'] for r in results)
+    assert all(r['message'].startswith('the test process ended (exit 0) before this test') for r in results)
