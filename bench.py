@@ -17,6 +17,7 @@ source backward.
 """
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -24,7 +25,6 @@ from dataclasses import asdict
 import torch
 
 import cli
-import fast
 from cli import VARIANTS, peak_flops
 from model import GPT, GPTConfig, _num_sources
 
@@ -38,9 +38,33 @@ defaults = dict(
 )
 
 
+RULES = {  # each bad value is one line and exit status 1, before any benchmark runs
+    'variants': (lambda v: v != '' and all(n in VARIANTS for n in v.split(',')),
+                 f'a comma-separated list of {", ".join(VARIANTS)}'),
+    'route_variant': (lambda v: v in VARIANTS, ', '.join(VARIANTS)),
+    'dtype': (lambda v: v in cli.DTYPES, ', '.join(cli.DTYPES)),
+    'route_impl': (lambda v: v in cli.ROUTE_IMPLS, ', '.join(cli.ROUTE_IMPLS)),
+    'steps': (lambda v: v >= 1, '>= 1 timed steps'),
+    'warmup': (lambda v: v >= 0, '>= 0'),
+    'route_steps': (lambda v: v >= 0, '>= 0 (0 skips the routing micro-benchmark)'),
+    'json': (lambda v: v.endswith('.json') and os.path.isdir(os.path.dirname(v) or '.'),
+             'a .json file in a folder that exists (the results are written there at the end)'),
+    **{k: (lambda v: v >= 1, '>= 1') for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd',
+                                                'vocab_size')},
+}
+
+
 def parse(argv):
-    """--key=value overrides of `defaults`, each converted to its default's type."""
-    return cli.parse(argv, defaults, __doc__)
+    """--key=value overrides of `defaults`, each converted to its default's type and checked by RULES."""
+    cfg = cli.parse(argv, defaults, __doc__, RULES)
+    try:  # the model's own checks (n_embd divisible by n_head, ...) and the device, before anything runs
+        GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'], block_size=cfg['block_size'],
+                  vocab_size=cfg['vocab_size'], **VARIANTS[cfg['route_variant']])
+        cfg['device'] = cli.pick_device(cfg['device'])
+        cfg['dtype'] = cli.pick_dtype(cfg['dtype'], cfg['device'])[0]
+    except (ValueError, cli.ConfigError) as e:
+        raise SystemExit(f'error: {e}') from None
+    return cfg
 
 
 def sync(device):
@@ -54,7 +78,7 @@ def bench_variant(name, cfg, device):
     mcfg = GPTConfig(block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], n_layer=cfg['n_layer'],
                      n_head=cfg['n_head'], n_embd=cfg['n_embd'], **VARIANTS[name])
     model = GPT(mcfg).to(device)  # fp32 weights; autocast below runs the matmuls in bf16, as train.py does
-    fast.apply(model, cfg['route_impl'])  # before the optimizer: it replaces the stream's parameters
+    cli.fast_paths(model, cfg['route_impl'])  # before the optimizer: it replaces the stream's parameters
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
     if cfg['compile']:
         model.compile()  # in place, the whole model as one graph
@@ -109,7 +133,7 @@ def bench_routing(cfg, device):
     B, T, L, d = cfg['batch_size'], cfg['block_size'], cfg['n_layer'], cfg['n_embd']
     mcfg = GPTConfig(n_layer=L, n_head=cfg['n_head'], n_embd=d, **VARIANTS[cfg['route_variant']])
     model = GPT(mcfg).to(device)
-    fast.apply(model, cfg['route_impl'])
+    cli.fast_paths(model, cfg['route_impl'])
     stream = model.stream
     dtype = getattr(torch, cfg['dtype'])
     autocast = torch.autocast(device.type, dtype=dtype, enabled=cfg['dtype'] != 'float32')
@@ -167,8 +191,6 @@ def main(argv=None):
               f'peak {peak_flops(device) or float("nan"):.3g} FLOP/s')
     rows = []
     for name in cfg['variants'].split(','):
-        if name not in VARIANTS:
-            sys.exit(f'bench.py: unknown variant {name!r}; known: {", ".join(VARIANTS)}')
         rows.append(bench_variant(name, cfg, device))
         r = rows[-1]
         print(f'{name}: {r["ms_per_step"]:.1f} ms/step (warm-up {r["warmup_s"]:.0f} s)', flush=True)

@@ -73,10 +73,11 @@ def override(arg, defaults):
     return key, check(key, value, defaults, where)
 
 
-def parse(argv, defaults, doc, passthrough=False):
+def parse(argv, defaults, doc, rules=None, passthrough=False):
     """defaults overridden by argv, for a script's main: --help prints doc and the defaults and exits with
-    status 0; a bad argument exits with status 1 and a message naming it. With passthrough=True the arguments
-    of unknown keys are returned too, unread, as (cfg, rest): compare.py hands them on to train.py."""
+    status 0; a bad argument, or a value that breaks one of the rules, exits with status 1 and one line naming
+    it, before the script does any work. With passthrough=True the arguments of unknown keys are returned too,
+    unread, as (cfg, rest): compare.py hands them on to train.py."""
     if '-h' in argv or '--help' in argv:
         print(doc + '\noptions and defaults:\n' + '\n'.join(f'  --{k}={v}' for k, v in defaults.items()))
         raise SystemExit(0)
@@ -90,7 +91,22 @@ def parse(argv, defaults, doc, passthrough=False):
         except ConfigError as e:
             raise SystemExit(f'error: {e}') from None
         cfg[key] = value
+    try:
+        check_rules(cfg, rules or {}, '--')
+    except ConfigError as e:
+        raise SystemExit(f'error: {e}') from None
     return (cfg, rest) if passthrough else cfg
+
+
+def check_rules(cfg, rules, prefix=''):
+    """rules: {key: (test, expected)}, each test a function of the value (and of the whole cfg, for rules that
+    relate two keys). The first value that fails is a ConfigError: '--key=value: expected ...'."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+    for key, (test, expected) in rules.items():
+        value = get(key)
+        ok = test(value, cfg) if test.__code__.co_argcount == 2 else test(value)
+        if not ok:
+            raise ConfigError(f'{prefix}{key}={value!r}: expected {expected}')
 
 
 def read_config_file(path):
@@ -124,6 +140,20 @@ VARIANTS = {
     'delta': dict(residual='delta', res_block=0),
     'delta_block': dict(residual='delta', res_block=6),
 }
+
+ROUTE_IMPLS = ('auto', 'plain', 'fused')  # the routing code: fused (fast/) where it measured faster, or as named
+
+
+def fast_paths(model, impl):
+    """fast.apply(model, impl): the fused GPU paths of fast/, applied to a built model from outside. A student
+    copy of the project leaves fast/ out (it re-implements the exercises' math); 'auto' then runs the plain code."""
+    try:
+        import fast
+    except ImportError:
+        if impl == 'fused':
+            raise ConfigError("route_impl='fused': this copy of the project has no fast/ folder") from None
+        return 'plain (no fast/ here)'
+    return fast.apply(model, impl)
 
 # ----------------------------------------------------------------------------------------------------------
 # Device and precision

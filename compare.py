@@ -61,16 +61,29 @@ defaults = dict(
 )
 
 
+RULES = {  # each bad value is one line and exit status 1, before any run starts
+    'family': (lambda v: v in FAMILIES, f'one of {", ".join(FAMILIES)}'),
+    'seeds': (lambda v: v >= 1, '>= 1'),
+    'gpus': (lambda v: all(g.strip().isdigit() for g in v.split(',')) if v else True,
+             "GPU numbers separated by commas, e.g. '0,1,2,3' ('0,0': two runs on GPU 0), or '' for one run at a time"),
+    'routing_tokens': (lambda v: v >= 1, '>= 1 sequences'),
+    'ablate_tokens': (lambda v: v >= 1, '>= 1'),
+    'extra_val': (lambda v: all(os.path.isfile(f) for f in v.split(',') if f), 'val shards that exist, comma-separated'),
+}
+
+
 def parse(argv):
     """(options, the arguments of keys that compare.py does not know: train.py's, handed on to every run).
     The family's defaults fill in runs, extra_seeds and out_dir where they were not given."""
-    cfg, passthrough = cli.parse(argv, defaults, __doc__, passthrough=True)
-    if cfg['family'] not in FAMILIES:
-        raise SystemExit(f'error: --family={cfg["family"]}: expected one of {", ".join(FAMILIES)}')
+    cfg, passthrough = cli.parse(argv, defaults, __doc__, RULES, passthrough=True)
     runs, extra_seeds = FAMILIES[cfg['family']]
     cfg['runs'] = cfg['runs'] or ','.join(runs)
     cfg['extra_seeds'] = extra_seeds if cfg['extra_seeds'] == 'auto' else cfg['extra_seeds']
     cfg['out_dir'] = cfg['out_dir'] or f'out-{cfg["family"]}'
+    unknown = [r for r in cfg['runs'].split(',') + cfg['extra_seeds'].split(',') if r and r not in runs]
+    if unknown:
+        raise SystemExit(f'error: --runs/--extra_seeds: unknown run {unknown[0]!r}; the {cfg["family"]} family has '
+                         f'{", ".join(runs)}')
     return cfg, passthrough
 
 
@@ -96,6 +109,9 @@ def train_args(cfg, name, seed, passthrough):
 def launch(cfg, passthrough):
     """Train the runs that have not finished, keeping each listed GPU busy with one run."""
     gpus = cfg['gpus'].split(',') if cfg['gpus'] else [None]
+    if cfg['gpus'] and torch.cuda.device_count() <= max(map(int, gpus)):  # else the runs go to the CPU, full size
+        raise SystemExit(f'error: --gpus={cfg["gpus"]}: this machine has {torch.cuda.device_count()} CUDA GPU(s); '
+                         'leave --gpus out to run one run at a time on the default device')
     todo = [r for r in run_list(cfg) if not finished(run_dir(cfg, *r))]  # an unfinished run starts again
     # every run's config first: a typo, or a pretrained model not there yet, stops here rather than in each run
     for name, seed in todo:
@@ -103,7 +119,7 @@ def launch(cfg, passthrough):
             checkpoint.init_kind(train.parse_config(train_args(cfg, name, seed, passthrough)).init_from)
         except ConfigError as e:
             raise SystemExit(f'error: run {name} (seed {seed}): {e}') from None
-    running = {}  # slot -> (process, run); a GPU listed twice runs two at a time
+    running, failed = {}, []  # slot -> (process, run); a GPU listed twice runs two at a time
     while todo or running:
         for slot, gpu in enumerate(gpus):
             if slot not in running and todo:
@@ -121,8 +137,10 @@ def launch(cfg, passthrough):
                 del running[slot]
                 print(f'[gpu {gpus[slot]}] {run[0]} seed {run[1]}: exit {proc.returncode}', flush=True)
                 if proc.returncode != 0:
+                    failed.append(f'{run[0]} seed {run[1]}')
                     print(open(os.path.join(run_dir(cfg, *run), 'stdout.txt')).read()[-2000:])
         time.sleep(1)  # poll: runs take minutes, a second of latency costs nothing
+    return failed
 
 
 def read_log(d):
@@ -208,6 +226,8 @@ def report(cfg):
         curves[(name, seed)] = [(s['tokens'], s['val_loss']) for s in evals]
         if seed == 1337 and 'routing' in a:  # one routing picture per variant, on the same first val tokens
             routes[name] = a['routing']
+    if not rows:
+        return False
     table = '\n'.join(loss_table(rows) + routing_table(routes, cfg['routing_tokens']))
     print(table)
     os.makedirs(cfg['out_dir'], exist_ok=True)
@@ -220,6 +240,7 @@ def report(cfg):
         json.dump(dict(rows=rows, curves={f'{k[0]}_s{k[1]}': v for k, v in curves.items()}, routing=routes,
                        importance=importance), f, indent=1)
     plots(cfg['out_dir'], curves, routes, importance)
+    return True
 
 
 def mean_std(xs):
@@ -306,9 +327,11 @@ def plots(out_dir, curves, routes, importance):
 
 def main(argv=None):
     cfg, passthrough = parse(sys.argv[1:] if argv is None else argv)
-    if not cfg['report_only']:
-        launch(cfg, passthrough)
-    report(cfg)
+    failed = [] if cfg['report_only'] else launch(cfg, passthrough)
+    if not report(cfg):
+        raise SystemExit(f'error: no finished run in {cfg["out_dir"]} to report on (runs: {cfg["runs"]})')
+    if failed:  # the table holds the runs that finished; the exit status says that some did not
+        raise SystemExit(f'error: {len(failed)} run(s) failed: {", ".join(failed)}; see their stdout.txt')
 
 
 if __name__ == '__main__':

@@ -105,7 +105,8 @@ class GPTConfig:
     def __post_init__(self):
         checks = [
             ('residual', self.residual in RESIDUALS, f'one of {RESIDUALS}'),
-            ('res_block', self.res_block >= 0, 'an int >= 0 (0 = per sublayer, S > 0 = blocks of S sublayers)'),
+            ('res_block', 0 <= self.res_block <= 2 * self.n_layer,
+             f'0 (per sublayer) or a block of S <= 2 * n_layer = {2 * self.n_layer} sublayers'),
             ('ddl_dv', self.ddl_dv >= 1, 'an int >= 1'),
             ('gelu_approx', self.gelu_approx in ('none', 'tanh'), "'none' (exact) or 'tanh'"),
             ('n_embd', self.n_head > 0 and self.n_embd % self.n_head == 0, f'divisible by n_head={self.n_head}'),

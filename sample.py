@@ -40,13 +40,23 @@ DEFAULTS = dict(
     temperature=0.8,      # 1.0 samples the model's distribution; lower is more conservative, higher more random
     top_k=200,            # sample only among the top_k most likely tokens; 0 = all of them
     seed=1337,
-    device='cuda' if torch.cuda.is_available() else 'cpu',  # 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32',
+    device='auto',        # 'auto' = cuda if available, else mps, else cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype='auto',         # 'auto' = bfloat16 on GPUs that have it, else float32; or float32, bfloat16, float16
     routing=True,         # print the prompt's routing weights (attnres and delta; the others have none)
     routing_png='',       # also save the heatmap to this PNG file (needs matplotlib)
     ablate='',            # a val shard: measure each source's importance to each read on it (slow: a pass a pair)
     ablate_tokens=65_536,  # the tokens of that shard it uses
 )
+RULES = {  # values that parse but make no sense: each is one line and exit status 1, before anything loads
+    'num_samples': (lambda v: v >= 0, '>= 0 (0: only the routing heatmap)'),
+    'max_new_tokens': (lambda v: v >= 1, '>= 1'),
+    'temperature': (lambda v: v > 0, '> 0'),
+    'top_k': (lambda v: v >= 0, '>= 0 (0 = all tokens)'),
+    'dtype': (lambda v: v in cli.DTYPES, ', '.join(cli.DTYPES)),
+    'ablate': (lambda v: v == '' or os.path.isfile(v), 'a token shard that exists (a val shard of prepare.py)'),
+    'ablate_tokens': (lambda v: v > 0, '> 0'),
+    'out_dir': (lambda v, c: v.strip() != '' or c['ckpt'] or c['init_from'], 'a run folder, or --ckpt or --init_from'),
+}
 SHADES = ' .:-=+*#%@'  # 10 levels; ' ' only for a weight of exactly 0 (a source the read cannot see)
 
 
@@ -131,11 +141,12 @@ def save_importance_png(imp, path, title=''):
 
 
 def main(argv=None):
-    c = SimpleNamespace(**cli.parse(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__))
-    if c.temperature <= 0 or c.top_k < 0:
-        raise SystemExit(f'expected --temperature > 0 and --top_k >= 0, got {c.temperature} and {c.top_k}')
-    if c.dtype not in ('float32', 'bfloat16', 'float16'):
-        raise SystemExit(f"--dtype={c.dtype!r}: expected 'float32', 'bfloat16' or 'float16'")
+    c = SimpleNamespace(**cli.parse(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__, RULES))
+    try:  # the device this machine has, and its precision: as train.py chooses them
+        c.device = cli.pick_device(c.device)
+        c.dtype = cli.pick_dtype(c.dtype, c.device)[0]
+    except ConfigError as e:
+        raise SystemExit(f'error: {e}') from None
     if c.init_from:
         model, found = load_gpt2(c.init_from, c.device)
         mc = model.config
@@ -202,7 +213,7 @@ def ablate(model, c, ctx):
     the first ablate_tokens of the shard c.ablate; return it as lists for save_importance_png."""
     T = model.config.block_size
     try:
-        val = load_shard(c.ablate)
+        val = load_shard(c.ablate, model.config.vocab_size)
     except ShardError as e:
         raise SystemExit(f'error: --ablate: {e}') from None
     n = min(c.ablate_tokens, len(val) - 1) // T

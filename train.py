@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 import checkpoint
 import cli
-import fast
 import routing
 from checkpoint import (BACKBONE_KEYS, Interrupted, SaveError, hard_stop, load_checkpoint, load_source, progress,
                         save_checkpoint)
@@ -80,6 +79,31 @@ class Config(GPTConfig):  # the model's fields (model.py) come first, then these
     seed: int = 1337
 
 
+# the values that type-check but make no sense, checked before anything runs; the model's own fields are
+# checked by GPTConfig. Device names are checked against the machine when the run starts (cli.pick_device)
+RULES = {
+    'out_dir': (lambda v: v.strip() != '', 'a folder for ckpt.pt and log.jsonl, not empty'),
+    'data_dir': (lambda v: v.strip() != '', 'a folder of token shards, not empty'),
+    'learning_rate': (lambda v: v >= 0, '>= 0'),
+    'min_lr': (lambda v, c: 0 <= v <= c.learning_rate, '>= 0 and <= learning_rate'),
+    'weight_decay': (lambda v: v >= 0, '>= 0'),
+    'beta1': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'beta2': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'grad_clip': (lambda v: v >= 0, '>= 0 (0 = off)'),
+    'routing_lr_mult': (lambda v: v >= 0, '>= 0'),
+    'lr_schedule': (lambda v: v in ('cosine', 'wsd'), "'cosine' or 'wsd'"),
+    'cooldown_frac': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'max_iters': (lambda v: v >= 0, '>= 0'),
+    'warmup_iters': (lambda v: v >= 0, '>= 0'),
+    'batch_size': (lambda v: v > 0, '> 0'),
+    'total_batch_size': (lambda v: v > 0, '> 0'),
+    'eval_interval': (lambda v: v > 0, '> 0'),
+    'eval_iters': (lambda v: v >= 0, '>= 0 (0 = the whole val set)'),
+    'val_tokens': (lambda v: v > 0, '> 0'),
+    'log_interval': (lambda v: v > 0, '> 0'),
+    'dtype': (lambda v: v in cli.DTYPES, ', '.join(cli.DTYPES)),
+    'route_impl': (lambda v: v in cli.ROUTE_IMPLS, ', '.join(cli.ROUTE_IMPLS)),
+}
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]  # the keys of Config that build the model
 DEFAULTS = asdict(Config())  # every key and its default, whose type a value given for the key must have
 
@@ -100,16 +124,7 @@ def parse_config(argv, base=None):
     except ValueError as e:
         raise ConfigError(str(e)) from None
     # values that type-check but make no sense
-    checks = [('lr_schedule', c.lr_schedule in ('cosine', 'wsd'), "'cosine' or 'wsd'"),
-              ('dtype', c.dtype in cli.DTYPES, ', '.join(cli.DTYPES)),
-              ('route_impl', c.route_impl in fast.IMPLS, ', '.join(fast.IMPLS)),
-              ('cooldown_frac', 0 <= c.cooldown_frac <= 1, 'in [0, 1]')]
-    checks += [(k, getattr(c, k) > 0, '> 0') for k in
-               ('batch_size', 'total_batch_size', 'eval_interval', 'log_interval', 'val_tokens')]
-    checks += [(k, getattr(c, k) >= 0, '>= 0') for k in ('max_iters', 'warmup_iters', 'eval_iters', 'grad_clip')]
-    for key, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f'{key}={getattr(c, key)!r}: expected {expected}')
+    cli.check_rules(c, RULES)
     return c
 
 
@@ -261,7 +276,7 @@ def build_model(cfg, ckpt, src, loader, env):
     model.to(env.device)
     # the fast paths and compilation, applied from outside. fast.apply replaces the stream's parameters, so it
     # comes before the optimizer. Compiling in place keeps the state_dict's keys free of '_orig_mod.'
-    fused = fast.apply(model, cfg.route_impl)
+    fused = cli.fast_paths(model, cfg.route_impl)
     compiled = 'off'
     if cfg.compile and env.kind != 'cuda':
         compiled = f'off ({env.kind} runs eager)'

@@ -10,9 +10,8 @@ hold these paths to it, forward and every gradient.
   route.py  AttnRes and Delta AttnRes: one kernel per read forward, one per source backward
   ddl.py    Deep Delta Learning: the delta-rule write in one kernel each way
 """
+from cli import ROUTE_IMPLS as IMPLS  # 'auto': fused where it measured faster (on CUDA; see each fused())
 from model import DeepDelta, Routed
-
-IMPLS = ('auto', 'plain', 'fused')  # 'auto': fused where it measured faster (on CUDA; see each file's fused())
 
 
 def apply(model, impl='auto'):

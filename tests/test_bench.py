@@ -9,7 +9,8 @@ import torch
 import bench
 from model import GPT, GPTConfig
 
-TINY = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=16',
+TINY = ['--device=cpu', '--compile=False', '--n_layer=3',  # 6 sublayers: one block of 6
+        '--n_embd=32', '--n_head=2', '--block_size=16',
         '--batch_size=2', '--vocab_size=128', '--warmup=1', '--steps=2', '--route_steps=2']
 
 
@@ -27,12 +28,12 @@ def test_bench_table_and_json(tmp_path, capsys):
         assert r['mfu'] is None and r['peak_mem_mb'] is None  # no peak FLOP/s or CUDA memory on a CPU
         assert r['config']['residual'] == bench.VARIANTS[name]['residual']
     assert rows['delta']['flops_per_token'] > rows['standard']['flops_per_token']
-    # the routing of a 2-layer Delta stream: reads of sublayers 1, 2, 3 see 2, 3, 4 sources = 9 pairs; each
-    # pair moves a bf16 source forward and a bf16 read gradient backward: 2 * 9 * 2 bytes x 32 wide x 32 tokens
+    # the routing of a 3-layer Delta stream: reads of sublayers 1..5 see 2..6 sources = 20 pairs; each pair
+    # moves a bf16 source forward and a bf16 read gradient backward: 2 * 20 * 2 bytes x 32 wide x 32 tokens
     rt = result['routing']
-    assert (rt['pairs'], rt['impl']) == (9, 'plain') and rt['bytes'] == 2 * 9 * 2 * 32 * 32 and rt['gb_per_s'] > 0
+    assert (rt['pairs'], rt['impl']) == (20, 'plain') and rt['bytes'] == 2 * 20 * 2 * 32 * 32 and rt['gb_per_s'] > 0
     fused = bench.main(TINY + ['--variants=delta', '--route_impl=fused', f'--json={out}'])['routing']
-    assert (fused['pairs'], fused['impl']) == (9, 'fused')
+    assert (fused['pairs'], fused['impl']) == (20, 'fused')
 
 
 def test_bench_help(capsys):
@@ -41,11 +42,22 @@ def test_bench_help(capsys):
     assert e.value.code == 0 and '--route_variant=delta' in capsys.readouterr().out
 
 
-def test_bench_rejects_unknown_options():
-    with pytest.raises(SystemExit, match="unknown key 'stpes'"):
-        bench.parse(['--stpes=3'])
-    with pytest.raises(SystemExit, match='unknown variant'):
-        bench.main(TINY + ['--variants=resnet', '--json=/dev/null'])
+@pytest.mark.parametrize('argv, words', [
+    (['--stpes=3'], ["unknown key 'stpes'", 'did you mean steps']),
+    (['--variants=resnet'], ["--variants='resnet'", 'comma-separated list of standard']),
+    (['--steps=0'], ['--steps=0', '>= 1']),
+    (['--json=no/such/folder/b.json'], ['--json=', 'a folder that exists']),
+    (['--n_head=3'], ['n_embd=32', 'divisible by n_head=3']),
+    (['--route_impl=triton'], ["--route_impl='triton'", 'auto, plain, fused']),
+    (['--device=tpu'], ["device='tpu'", "'cpu', 'cuda'"]),
+] + ([] if torch.cuda.is_available() else [(['--device=cuda'], ['device=cuda', 'no CUDA GPU'])]))
+def test_bench_refuses_bad_options_before_it_runs(argv, words, tmp_path):
+    """One line naming the option and what was expected, exit status 1, and nothing written."""
+    with pytest.raises(SystemExit) as e:
+        bench.main(TINY + [f'--json={tmp_path / "b.json"}'] + argv)
+    assert isinstance(e.value.code, str) and e.value.code.startswith('error: ') and '\n' not in e.value.code
+    assert all(w in e.value.code for w in words), e.value.code
+    assert not (tmp_path / 'b.json').exists()
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ from prepare import write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--block_size=16', '--vocab_size=128', '--batch_size=2',
+TINY = ['--n_layer=3',  # 6 sublayers: the block forms' res_block=6 is one block
+         '--n_embd=32', '--n_head=2', '--block_size=16', '--vocab_size=128', '--batch_size=2',
         '--total_batch_size=64', '--max_iters=4', '--eval_interval=2', '--log_interval=1', '--val_tokens=256',
         '--device=cpu', '--compile=False']
 
@@ -43,9 +44,9 @@ def test_compare_trains_reports_and_resumes(tmp_path, monkeypatch):
     result = json.loads((out / 'results.json').read_text())
     assert [r['tokens'] for r in result['rows']] == [4 * 64] * 3  # every run saw the same token budget
     assert result['rows'][0]['val_loss'] != result['rows'][1]['val_loss']  # the two seeds differ
-    # res_block=6 with 4 sublayers: no block finishes, so each read mixes e and the partial block
+    # res_block=6 with 6 sublayers: the block finishes after the last read, so each read mixes e and the partial
     w = np.array(result['routing']['delta_block']['weights'])  # (reads, sources): rows are distributions
-    assert w.shape == (3, 2) and np.allclose(w.sum(1), 1, atol=1e-5)
+    assert w.shape == (5, 2) and np.allclose(w.sum(1), 1, atol=1e-5)
     assert result['routing']['delta_block']['sources'] == ['emb', 'partial']
     assert 'standard' not in result['routing']  # no routing to show
     mtimes = {r: os.path.getmtime(out / r / 'ckpt.pt') for r in runs if (out / r / 'ckpt.pt').exists()}
@@ -87,9 +88,9 @@ def test_finetune_family_from_a_pretrained_checkpoint(tmp_path, monkeypatch):
     assert routing_lines[2] == '| read | delta_block | delta | attnres_block | attnres | delta_block_scratch |'
     # the reads in model order; Delta's first sublayer reads e unrouted, and only AttnRes has a final read
     assert [line.split(' | ')[0] for line in routing_lines[4:]] == ['| L0.attn', '| L0.mlp', '| L1.attn', '| L1.mlp',
-                                                                    '| final']
+                                                                    '| L2.attn', '| L2.mlp', '| final']
     assert routing_lines[4].startswith('| L0.attn | - | - | 1.000 | 1.000 | - |')  # one source: all its weight
-    assert len(result['routing']['attnres']['max_weight']) == 5 and 'standard' not in result['routing']
+    assert len(result['routing']['attnres']['max_weight']) == 7 and 'standard' not in result['routing']
     if find_spec('matplotlib'):
         assert (out / 'loss_curves.png').exists() and (out / 'routing_max.png').exists()
 
@@ -106,5 +107,5 @@ def test_help_and_passthrough(capsys):
     assert compare.train_args(cfg, 'attnres', 1337, ['--max_iters=5']) == [
         'configs/finetune.py', 'configs/finetune_attnres.py', '--out_dir=out-finetune/attnres_s1337', '--seed=1337',
         '--max_iters=5']
-    with pytest.raises(SystemExit, match="--family=pretrain: expected one of compare, finetune"):
+    with pytest.raises(SystemExit, match="--family=.pretrain.: expected one of compare, finetune"):
         compare.parse(['--family=pretrain'])

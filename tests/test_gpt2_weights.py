@@ -114,7 +114,7 @@ def test_init_from_folder_into_every_variant(tmp_path, data_dir, hf, variant):
     folder, ref = hf
     args = (EXACT | SCALED | CHANGED)[variant]
     # learning_rate=0: one step that changes nothing, so the checkpoint holds the model as it was loaded
-    run(data_dir, tmp_path, f'--init_from={folder}', '--max_iters=1', '--learning_rate=0', *args)
+    run(data_dir, tmp_path, f'--init_from={folder}', '--max_iters=1', '--learning_rate=0', '--min_lr=0', *args)
     model, ckpt = from_checkpoint(tmp_path)
     assert {k: ckpt['model_args'][k] for k in ('vocab_size', 'block_size', 'bias', 'gelu_approx')} == {
         'vocab_size': 512, 'block_size': 16, 'bias': True, 'gelu_approx': 'tanh'}  # GPT-2's, from config.json
@@ -283,7 +283,7 @@ def hub(monkeypatch, hf):
 
 
 def test_init_from_gpt2_downloads_with_transformers(tmp_path, data_dir, hf, hub, capsys):
-    run(data_dir, tmp_path, '--init_from=gpt2-medium', '--max_iters=1', '--learning_rate=0', *EXACT['delta, gated'])
+    run(data_dir, tmp_path, '--init_from=gpt2-medium', '--max_iters=1', '--learning_rate=0', '--min_lr=0', *EXACT['delta, gated'])
     assert hub == ['gpt2-medium']
     assert ("init_from=gpt2-medium: Hugging Face's gpt2-medium, through transformers; backbone loaded; "
             'at init: stream.gate, stream.key_gain, stream.query') in capsys.readouterr().out

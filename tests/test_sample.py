@@ -176,9 +176,19 @@ def test_missing_and_broken_checkpoints(tmp_path, capsys):
         main([f'--ckpt={tmp_path / "other.pt"}', '--device=cpu'])
 
 
-def test_bad_values(tmp_path, capsys):
-    write_ckpt(tmp_path, 'standard')
-    with pytest.raises(SystemExit, match='temperature > 0'):
-        run(capsys, tmp_path, '--temperature=0')
-    with pytest.raises(SystemExit, match='--dtype'):
-        run(capsys, tmp_path, '--dtype=float8')
+@pytest.mark.parametrize('arg, words', [
+    ('--temperature=0', ['--temperature=0.0', '> 0']),
+    ('--dtype=float8', ["--dtype='float8'", 'bfloat16']),
+    ('--num_samples=-1', ['--num_samples=-1', '>= 0']),
+    ('--max_new_tokens=0', ['--max_new_tokens=0', '>= 1']),
+    ('--top_k=-5', ['--top_k=-5', '>= 0']),
+    ('--device=tpu', ["device='tpu'", "'cpu', 'cuda'"]),
+    ('--ablate=no/such.bin', ['--ablate', 'no/such.bin']),
+] + ([] if torch.cuda.is_available() else [('--device=cuda', ['device=cuda', 'no CUDA GPU'])]))
+def test_bad_values(tmp_path, capsys, arg, words):
+    """One line naming the option and what was expected, exit status 1, no traceback."""
+    write_ckpt(tmp_path, 'attnres')
+    with pytest.raises(SystemExit) as e:
+        run(capsys, tmp_path, '--num_samples=0', arg)
+    assert isinstance(e.value.code, str) and e.value.code.startswith('error: ') and '\n' not in e.value.code
+    assert all(w in e.value.code for w in words), e.value.code

@@ -495,7 +495,7 @@ def standard_ckpt(tmp_path_factory, data_dir):
                                      ['--residual=delta', '--delta_gate=True']])
 def test_convert_standard_checkpoint_into_a_variant(tmp_path, data_dir, standard_ckpt, variant):
     # learning_rate=0: one step that changes nothing, so the checkpoint written holds the converted model
-    run(data_dir, tmp_path, f'--init_from={standard_ckpt}', '--max_iters=1', '--learning_rate=0', *variant)
+    run(data_dir, tmp_path, f'--init_from={standard_ckpt}', '--max_iters=1', '--learning_rate=0', '--min_lr=0', *variant)
     src, dst = load(standard_ckpt), load(tmp_path)
     own = GPT(GPTConfig(**dst['model_args'])).variant_param_names()
     assert own and own <= dst['model'].keys() and not own & src['model'].keys()
