@@ -1,7 +1,7 @@
 """
 Train a family of runs with the same data order, token budget, seed and hyperparameters, evaluate all on the
 same validation tokens, and write tables and plots. The families (FAMILIES below):
-  compare    every residual variant from scratch (configs/compare*.py)
+  compare    every variant of cli.VARIANTS from scratch, on configs/compare.py
   finetune   the conversion experiment: one pretrained standard model fine-tuned as each of several variants,
              and one variant from scratch as the control (configs/finetune*.py; pretrain first, see there)
 
@@ -11,8 +11,8 @@ same validation tokens, and write tables and plots. The families (FAMILIES below
   python compare.py --report_only=True --out_dir=out-compare           # redo tables and plots from the logs
   python compare.py --extra_configs=configs/corpus.py --data_dir=data/corpus --ablate=True   # docs/experiments.md
 
-Each run is `python train.py configs/<family>.py [extra_configs] configs/<family>_<run>.py --out_dir=...
---seed=...` plus --data_dir if given and every key that compare.py does not know (--max_iters=...,
+Each run is `python train.py configs/<family>.py [extra_configs] <the run's variant> --out_dir=... --seed=...`
+(the variant: --residual=... and its other fields from cli.VARIANTS, or configs/finetune_<arm>.py) plus --data_dir if given and every key that compare.py does not know (--max_iters=...,
 --batch_size=...), one process per run; with --gpus, one run per listed GPU at a time. Every run's config is
 checked before the first one starts. A finished run is not trained again, so an interrupted comparison picks
 up where it stopped. What needs a run's checkpoint (its loss on each val file, its routing weights and, with
@@ -45,7 +45,7 @@ FINETUNE_RUNS = ['standard', 'delta_block', 'delta', 'attnres_block', 'attnres',
 # random (no dropout, the routing starts at zero, the data order is fixed), so another seed would repeat it
 FAMILIES = {'compare': (RUNS, 'standard,delta'), 'finetune': (FINETUNE_RUNS, '')}
 defaults = dict(
-    family='compare',               # configs/<family>.py, then configs/<family>_<run>.py for each run
+    family='compare',               # configs/<family>.py, then each run's variant
     out_dir='',                     # '' = out-<family>
     data_dir='',                    # '' = each run's own, from its config files
     runs='',                        # '' = every run of the family
@@ -99,10 +99,13 @@ def run_dir(cfg, name, seed):
 
 
 def train_args(cfg, name, seed, passthrough):
-    """train.py's arguments for one run: the family's config, the extra ones, the run's own, then overrides."""
+    """train.py's arguments for one run: the family's config, the extra ones, the run's own (the variant's fields
+    of cli.VARIANTS, or the arm's config file of the conversion experiment), then overrides."""
     extra = [path for path in cfg['extra_configs'].split(',') if path]
     data = [f'--data_dir={cfg["data_dir"]}'] if cfg['data_dir'] else []
-    return [f'configs/{cfg["family"]}.py', *extra, f'configs/{cfg["family"]}_{name}.py',
+    own = ([f'--{k}={v}' for k, v in cli.VARIANTS[name].items()] if cfg['family'] == 'compare'
+           else [f'configs/{cfg["family"]}_{name}.py'])
+    return [f'configs/{cfg["family"]}.py', *extra, *own,
             f'--out_dir={run_dir(cfg, name, seed)}', *data, f'--seed={seed}', *passthrough]
 
 

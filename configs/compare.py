@@ -1,8 +1,8 @@
 """
-The shared settings of the variant comparison: everything except the variant. Combine with one
-configs/compare_<variant>.py, which sets only the variant fields and out_dir:
+The shared settings of the variant comparison: everything except the variant, which compare.py sets from
+cli.VARIANTS (or give its fields yourself):
 
-  python train.py configs/compare.py configs/compare_delta.py
+  python train.py configs/compare.py --residual=delta --res_block=6 --out_dir=out-compare-delta_block
   python compare.py                     # trains every variant this way, then writes the table and plots
 
 Same val tokens, same data order, same schedule and seed for every variant, so their val losses compare directly.

@@ -144,10 +144,11 @@ GPT.__init__ = _init_with_denseformer
 def answer_exercise_7(d):
     with open(os.path.join(d, 'model.py'), 'a') as f:
         f.write(DENSEFORMER)
-    with open(os.path.join(d, 'compare.py'), 'a') as f:
-        f.write("\nRUNS.append('denseformer')\n")
-    with open(os.path.join(d, 'configs', 'compare_denseformer.py'), 'w') as f:
-        f.write("out_dir = 'out-compare-denseformer'\nresidual = 'denseformer'\n")
+    path = os.path.join(d, 'cli.py')  # the new entry of VARIANTS, which compare.RUNS lists
+    with open(path) as f:
+        text = f.read().replace('VARIANTS = {\n', "VARIANTS = {\n    'denseformer': dict(residual='denseformer'),\n")
+    with open(path, 'w') as f:
+        f.write(text)
     with open(os.path.join(d, 'comparison.md'), 'w') as f:
         f.write('denseformer reached val loss 6.61 against 6.58 for standard. ' + 'word ' * 150)
 
