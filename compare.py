@@ -231,14 +231,15 @@ def report(cfg):
             routes[name] = a['routing']
     if not rows:
         return False
-    table = '\n'.join(loss_table(rows) + routing_table(routes, cfg['routing_tokens']))
+    importance = {f'{k[0]}_s{k[1]}': dict(a['importance'], dests=a['routing']['dests'],
+                                           sources=a['routing']['sources'], weights=a['routing']['weights'])
+                  for k, a in analyses.items() if 'importance' in a}
+    table = '\n'.join(loss_table(rows) + routing_table(routes, cfg['routing_tokens'])
+                      + importance_table(importance))
     print(table)
     os.makedirs(cfg['out_dir'], exist_ok=True)
     with open(os.path.join(cfg['out_dir'], 'results.md'), 'w') as f:
         f.write(table + '\n')
-    importance = {f'{k[0]}_s{k[1]}': dict(a['importance'], dests=a['routing']['dests'], sources=a['routing']['sources'],
-                                           weights=a['routing']['weights'])
-                  for k, a in analyses.items() if 'importance' in a}
     with open(os.path.join(cfg['out_dir'], 'results.json'), 'w') as f:
         json.dump(dict(rows=rows, curves={f'{k[0]}_s{k[1]}': v for k, v in curves.items()}, routing=routes,
                        importance=importance), f, indent=1)
@@ -274,6 +275,50 @@ def loss_table(rows):
             m, sd = mean_std([r['val_loss'] for r in rows if r['run'] == name])
             n = sum(r['run'] == name for r in rows)
             lines.append(f'| {name} | {n} | {m:.4f} | {m - base:+.4f} | {f"{sd:.4f}" if n > 1 else "-"} |')
+    return lines
+
+
+def ranks(xs):
+    """The ranks 0..n-1 of xs (ties in the order given)."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    return [order.index(i) for i in range(len(xs))]
+
+
+def weight_vs_importance(imp):
+    """Where a model's routing weights and its measured importance agree, over the reads that see at least
+    two sources: how often the heaviest source is also the one whose removal costs most (top-1), the mean
+    rank correlation of weight and loss rise per read (Spearman, reads with >= 3 sources), and the count of
+    (read, source) pairs with weight >= 0.5 but a rise < 0.001 nats (weight without importance), and with
+    weight < 0.1 but a rise >= 0.01 (importance without weight)."""
+    top1, rho, heavy_idle, light_vital = [], [], 0, 0
+    for w, d in zip(imp['weights'], imp['drop']):
+        seen = [j for j, v in enumerate(d) if v is not None and v == v]  # NaN: not visible, or alone
+        if len(seen) < 2:
+            continue
+        ws, ds = [w[j] for j in seen], [d[j] for j in seen]
+        top1.append(max(range(len(seen)), key=ws.__getitem__) == max(range(len(seen)), key=ds.__getitem__))
+        if len(seen) >= 3:
+            rw, rd, n = ranks(ws), ranks(ds), len(seen)
+            rho.append(1 - 6 * sum((a - b) ** 2 for a, b in zip(rw, rd)) / (n * (n * n - 1)))
+        heavy_idle += sum(a >= 0.5 and b < 1e-3 for a, b in zip(ws, ds))
+        light_vital += sum(a < 0.1 and b >= 1e-2 for a, b in zip(ws, ds))
+    return dict(reads=len(top1), top1=sum(top1) / max(len(top1), 1), spearman=sum(rho) / max(len(rho), 1),
+                heavy_idle=heavy_idle, light_vital=light_vital)
+
+
+def importance_table(importance):
+    """One line per ablated run: how far its weights say what its ablation measures."""
+    if not importance:
+        return []
+    lines = ['', 'Routing weights against importance (the rise in val loss when a source is removed from a '
+                 'read; routing.importance):', '',
+             '| run | reads | heaviest = most important | rank correlation | weight >= 0.5, rise < 0.001 '
+             '| weight < 0.1, rise >= 0.01 | largest rise without the routed term |', '|---' * 7 + '|']
+    for run, imp in importance.items():
+        a = weight_vs_importance(imp)
+        term = f'{max(imp["term"]):.4f}' if imp.get('term') else '-'
+        lines.append(f'| {run} | {a["reads"]} | {a["top1"]:.0%} | {a["spearman"]:.2f} | {a["heavy_idle"]} '
+                     f'| {a["light_vital"]} | {term} |')
     return lines
 
 

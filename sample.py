@@ -119,18 +119,22 @@ def save_heatmap_png(matrix, row_labels, col_labels, path, title='', vmax=None):
 
 
 def save_importance_png(imp, path, title=''):
-    """Weights and importance side by side: imp has 'weights' and 'drop' (R, S), 'dests', 'sources', and for
-    Delta 'term' (R,), the rise in loss without a read's whole routed term."""
+    """Weights and importance side by side: imp has 'weights' and 'drop' (R, S), 'dests', 'sources', and
+    for Delta 'term' (R,), the rise in loss without a read's whole routed term. The rises span four
+    orders of magnitude (one source can be worth nats, most are worth thousandths), so they are shown
+    as log10 of the rise, from 1e-4 nats (and below, a rise <= 0: the read does as well without it)."""
+    import math
     from matplotlib.figure import Figure
-    nan = float('nan')
-    panels = [('mean weight', imp['weights']), ('loss rise without the source', imp['drop'])]
+    log = lambda v: float('nan') if v is None or v != v else math.log10(max(v, 1e-4))
+    panels = [('mean weight', imp['weights'], 0, None),
+              ('log10 loss rise without the source', [[log(v) for v in r] for r in imp['drop']], -4, None)]
     if imp.get('term'):
-        panels.append(('... without the routed term', [[t] for t in imp['term']]))
+        panels.append(('... without the term', [[log(t)] for t in imp['term']], -4, None))
     fig = Figure(figsize=(4 + 0.35 * len(imp['sources']) * 2, 1.5 + 0.3 * len(imp['dests'])))
     axes = fig.subplots(1, len(panels), width_ratios=[len(p[1][0]) + 2 for p in panels])
-    for ax, (name, m) in zip(axes, panels):
-        m = [[nan if v is None else v for v in row] for row in m]
-        im = ax.imshow(m, cmap='viridis', aspect='auto')
+    for ax, (name, m, vmin, vmax) in zip(axes, panels):
+        im = ax.imshow([[float('nan') if v is None else v for v in r] for r in m], cmap='viridis',
+                       aspect='auto', vmin=vmin, vmax=vmax)
         cols = ['term'] if len(m[0]) == 1 else imp['sources']
         ax.set_xticks(range(len(cols)), cols, rotation=90)
         ax.set_yticks(range(len(imp['dests'])), imp['dests'] if ax is axes[0] else [])

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
+import cli  # noqa: E402
 import train  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from prepare import load_shard, write_shard  # noqa: E402
@@ -140,15 +143,17 @@ def test_model_fields_match_gptconfig():
 def test_config_files_of_the_repo():
     paths = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
     cfgs = {os.path.basename(p)[:-3]: asdict(train.parse_config([p])) for p in paths}
-    shared = os.path.join(ROOT, 'configs', 'compare.py')  # the comparison's settings, then one variant's file
-    compare = {k: asdict(train.parse_config([shared, p])) for k, p in zip(cfgs, paths) if k.startswith('compare_')}
-    assert {'standard', 'ddl', 'ddl_dv4', 'attnres', 'attnres_block', 'delta', 'delta_block'} <= {
-        k.removeprefix('compare_') for k in compare}
-    base = compare['compare_standard']
-    for name, cfg in compare.items():  # one run, except for the variant and where it is written
-        assert {k for k in cfg if cfg[k] != base[k]} <= VARIANT_FIELDS | {'out_dir'}, name
-        assert {k for k in cfg if cfg[k] != cfgs['compare'][k]} <= VARIANT_FIELDS | {'out_dir'}, name
-    assert len({c['out_dir'] for c in cfgs.values()}) == len(cfgs)  # no two configs share an out_dir
+    shared = os.path.join(ROOT, 'configs', 'compare.py')  # the comparison's settings, then one variant's fields
+    for extra in ([], [os.path.join(ROOT, 'configs', 'corpus.py')]):  # and the comparison at a real budget
+        runs = {name: asdict(train.parse_config([shared, *extra] + [f'--{k}={v}' for k, v in fields.items()]))
+                for name, fields in cli.VARIANTS.items()}
+        assert list(runs) == ['standard', 'ddl', 'ddl_dv4', 'attnres', 'attnres_block', 'delta', 'delta_block']
+        for name, cfg in runs.items():  # one run, except for the variant
+            assert {k for k in cfg if cfg[k] != runs['standard'][k]} <= VARIANT_FIELDS, name
+    corpus = asdict(train.parse_config([shared, os.path.join(ROOT, 'configs', 'corpus.py')]))
+    assert corpus['max_iters'] * corpus['total_batch_size'] >= 100_000_000  # at least 100M tokens a run
+    assert all(corpus[k] == cfgs['compare'][k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size'))
+    del cfgs['corpus']  # it sets no out_dir of its own: compare.py gives one to every run
     ddp = asdict(train.parse_config([os.path.join(ROOT, 'configs', f) for f in ('gpt2_124m.py', 'gpt2_124m_ddp.py')]))
     assert ddp['total_batch_size'] % (ddp['batch_size'] * ddp['block_size'] * 8) == 0  # 8 GPUs divide it
     conv = cfgs['convert_delta']
@@ -164,7 +169,7 @@ def test_finetune_configs_of_the_repo():
     cfg = lambda *names: asdict(train.parse_config([os.path.join(ROOT, 'configs', f'{n}.py') for n in names]))
     pretrain, shared = cfg('finetune_pretrain'), cfg('finetune')
     assert pretrain['residual'] == 'standard' and shared['init_from'] == pretrain['out_dir']
-    assert all(shared[k] == pretrain[k] for k in train.BACKBONE_KEYS + ['data_dir', 'total_batch_size'])
+    assert all(shared[k] == pretrain[k] for k in checkpoint.BACKBONE_KEYS + ['data_dir', 'total_batch_size'])
     arms = {name: cfg('finetune', f'finetune_{name}') for name in compare.FINETUNE_RUNS}
     for name, c in arms.items():
         assert {k for k in c if c[k] != shared[k]} <= VARIANT_FIELDS | {'out_dir'} or name == 'delta_block_scratch'
@@ -222,7 +227,8 @@ def test_val_loss_does_not_depend_on_batch_size(data_dir):
     expected = model(x, y)[1].item()
     for b in (1, 3, 7, 32):  # 3: batches of 3, 3 and 1 sequences, which must be weighted by their tokens
         cfg = train.parse_config(TINY + [f'--batch_size={b}'])
-        assert train.evaluate(model, val, 7, cfg, 0, 1, 'cpu', torch.no_grad()) == pytest.approx(expected, abs=1e-6)
+        env = SimpleNamespace(rank=0, world=1, device='cpu', ctx=torch.no_grad())
+        assert train.evaluate(model, val, 7, cfg, env) == pytest.approx(expected, abs=1e-6)
 
 # -----------------------------------------------------------------------------
 # runs: resume, crash safety, NaN, conversion, DDP, sampling
@@ -334,7 +340,7 @@ def test_hard_kills_lose_nothing(tmp_path, data_dir, unbroken, points):
         assert not (out / 'log.jsonl.tmp').exists() or point.startswith('log_rewrite')
         with open(out / 'log.jsonl') as f:  # never emptied: the config line and every step up to the checkpoint
             assert 'config' in json.loads(f.readline())
-        saved = train.load_checkpoint(str(out))['step']  # the checksum holds
+        saved = checkpoint.load_checkpoint(str(out))['step']  # the checksum holds
         assert [r['step'] for r in records(out)][: saved + 1] == list(range(saved + 1))
     run(data_dir, out, *DURABLE, '--init_from=resume')
     assert steps(out) == steps(unbroken)  # line for line, bit-exact losses
