@@ -18,7 +18,7 @@ block_size = 1024
 total_batch_size = 262_144
 batch_size = 32
 # 3,000 steps x 262,144 tokens = 786M tokens, about 12 per parameter
-# (python prepare.py --num_train_shards 8)
+# (python prepare.py --num_train_shards=8)
 max_iters = 3_000
 warmup_iters = 250
 learning_rate = 1e-3

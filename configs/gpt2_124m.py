@@ -1,7 +1,7 @@
 """
 GPT-2 124M on one GPU: 10B FineWeb tokens, the llm.c baseline that the speedrun's 3.28 val loss comes from.
 
-  python prepare.py --num_train_shards 100             # 100 x 100M train tokens + val, 20 GB
+  python prepare.py --num_train_shards=100            # 100 x 100M train tokens + val, 20 GB
   python train.py configs/gpt2_124m.py
 
 On one H100 (bf16, compiled) this runs at about 490K tokens/s, 42% MFU, so the 10B tokens take about 6 hours.

@@ -2,7 +2,7 @@
 GPT-2 124M on the GPUs of one node with DDP: the run of gpt2_124m.py, only faster. This file holds what
 differs (where it is written); gpt2_124m.py, given first, holds the run.
 
-  python prepare.py --num_train_shards 100
+  python prepare.py --num_train_shards=100
   torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py configs/gpt2_124m_ddp.py
 
 The batch stays 2**19 = 524,288 tokens per step whatever the number of GPUs N, and train.py derives the grad
