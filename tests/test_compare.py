@@ -109,3 +109,24 @@ def test_help_and_passthrough(capsys):
         '--max_iters=5']
     with pytest.raises(SystemExit, match="--family=.pretrain.: expected one of compare, finetune"):
         compare.parse(['--family=pretrain'])
+
+
+def test_failed_runs_and_bad_options_exit_nonzero(tmp_path, monkeypatch, capsys):
+    """A comparison whose runs fail, or that finds nothing to report, exits non-zero with one line; --gpus must be
+    GPU numbers, and GPUs this machine has."""
+    monkeypatch.chdir(ROOT)
+    (tmp_path / 'empty').mkdir()  # no shards: every run stops at once in train.py
+    args = [f'--out_dir={tmp_path / "cmp"}', f'--data_dir={tmp_path / "empty"}', '--runs=standard', '--extra_seeds=']
+    with pytest.raises(SystemExit) as e:
+        compare.main(args + TINY)
+    assert e.value.code.startswith('error: 1 run(s) failed: standard seed 1337')
+    with pytest.raises(SystemExit) as e:
+        compare.main(args + ['--report_only=True'])
+    assert e.value.code.startswith('error: no finished run in')
+    with pytest.raises(SystemExit) as e:
+        compare.parse(['--gpus=first'])
+    assert "--gpus='first'" in e.value.code and 'GPU numbers' in e.value.code
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            compare.main(args + ['--gpus=0'] + TINY)
+        assert 'has 0 CUDA GPU(s)' in e.value.code

@@ -108,6 +108,18 @@ def test_config_file_then_overrides_in_order(tmp_path):
     ([], 'n_layr = 3\n', ['cfg.py:1', 'n_layer']),
     ([], 'bias = "no"\n', ['cfg.py:1', 'bias expects bool']),
     ([], 'n_layer = (\n', ['cfg.py:1', 'syntax error']),
+    # values that type-check but make no sense: one line naming the key and what it must be
+    (['--learning_rate=-1e-3'], None, ['learning_rate=-0.001', '>= 0']),
+    (['--beta1=1.5'], None, ['beta1=1.5', 'in [0, 1)']),
+    (['--beta2=-0.1'], None, ['beta2=-0.1', 'in [0, 1)']),
+    (['--weight_decay=-0.1'], None, ['weight_decay=-0.1', '>= 0']),
+    (['--min_lr=1e-2'], None, ['min_lr=0.01', '<= learning_rate']),
+    (['--grad_clip=-1'], None, ['grad_clip=-1.0', '>= 0']),
+    (['--warmup_iters=-5'], None, ['warmup_iters=-5', '>= 0']),
+    (['--out_dir='], None, ["out_dir=''", 'not empty']),
+    (['--route_impl=triton'], None, ["route_impl='triton'", 'auto, plain, fused']),
+    (['--dtype=float8'], None, ["dtype='float8'", 'bfloat16']),
+    (['--n_layer=2', '--res_block=6'], None, ['res_block=6', 'S <= 2 * n_layer = 4']),
 ])
 def test_bad_config_is_refused_with_a_clear_message(tmp_path, argv, file_text, expected):
     if file_text is not None:
@@ -117,6 +129,31 @@ def test_bad_config_is_refused_with_a_clear_message(tmp_path, argv, file_text, e
         train.parse_config(argv)
     for text in expected:
         assert text in str(e.value)
+
+
+def test_token_ids_past_the_vocabulary_are_refused_when_the_shard_opens(tmp_path, data_dir):
+    """A shard with an id >= vocab_size stops the run before its first step, naming the file, the id and the
+    vocabulary (it would otherwise be an IndexError mid-run, or a device-side assert on CUDA)."""
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    shutil.copy(os.path.join(data_dir, 'tiny_val_000000.bin'), bad / 'tiny_val_000000.bin')
+    write_shard(str(bad / 'tiny_train_000001.bin'), np.r_[token_stream(2_000, 1), 600])
+    with pytest.raises(SystemExit) as e:
+        run(bad, tmp_path / 'out', '--max_iters=4')
+    msg = e.value.code
+    assert 'tiny_train_000001.bin' in msg and 'token id 600' in msg and 'vocab_size=512' in msg
+    with pytest.raises(SystemExit) as e:  # the data's ids are fine, the vocabulary asked for is too small
+        run(data_dir, tmp_path / 'out', '--vocab_size=256', '--max_iters=4')
+    assert 'is not below vocab_size=256' in e.value.code
+    assert not (tmp_path / 'out').exists()  # refused before anything was written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message of a machine without CUDA')
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, data_dir):
+    for device, words in (('cuda', 'no CUDA GPU'), ('tpu', "expected 'auto', 'cpu'")):
+        with pytest.raises(SystemExit) as e:
+            run(data_dir, tmp_path / 'out', f'--device={device}', '--max_iters=4')
+        assert e.value.code.startswith(f'error: device=') and words in e.value.code, e.value.code
 
 
 def test_main_exits_nonzero_on_bad_input(tmp_path, data_dir):
