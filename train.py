@@ -7,13 +7,13 @@ Runs on a CPU, one GPU, or several GPUs with DDP; resumes exactly; logs what it 
   python train.py configs/gpt2_124m.py --batch_size=8 --compile=False        # with overrides
   torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py configs/gpt2_124m_ddp.py
   python train.py --out_dir=out-gpt2-124m --init_from=resume        # go on where it stopped
-  python train.py configs/convert_delta.py --init_from=gpt2 --out_dir=out-gpt2-delta  # GPT-2 into Delta
+  python train.py configs/convert_delta.py --init_from=gpt2 --out_dir=out-gpt2-delta  # into Delta
 
-Configuration: the defaults of `Config` below, then each config file (plain `name = value` lines, read
-with ast, never executed) and `--key=value` override, in the order given; the later one wins. `--help`
-lists them. A resumed run starts from the config in its checkpoint instead of the defaults.
-Output in out_dir: ckpt.pt (the latest checkpoint) and log.jsonl (the config, then a line per logged
-step). Ctrl-C stops when the current step is done (exit status 130; twice stops at once), ready to resume.
+Configuration: the defaults of `Config` below, then each config file (plain `name = value` lines,
+read with ast, never executed) and `--key=value` override, in the order given; the later one wins.
+`--help` lists them. A resumed run starts from its checkpoint's config instead of the defaults.
+Output in out_dir: ckpt.pt (the latest checkpoint), log.jsonl (the config, then a line per logged
+step). Ctrl-C stops when the current step is done (exit 130; twice stops at once), ready to resume.
 """
 import inspect
 import math
@@ -49,10 +49,10 @@ class Config(GPTConfig):  # the model's fields (model.py) come first, then these
     # I/O
     out_dir: str = 'out'
     data_dir: str = 'data/fineweb10B'  # *_train_*.bin and *_val_*.bin shards from prepare.py
-    init_from: str = 'scratch'  # 'scratch', 'resume' (from out_dir), another run's ckpt.pt or out_dir,
-                                # or GPT-2: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', a HF folder
+    init_from: str = 'scratch'  # 'scratch', 'resume' (from out_dir), another run's ckpt.pt or
+                                # out_dir, or GPT-2: 'gpt2', 'gpt2-medium', -large, -xl, a HF folder
     eval_interval: int = 250    # evaluate, then write the checkpoint, every this many steps
-    eval_iters: int = 0         # cap on val batches per rank, for a quick look; 0 = the whole val set
+    eval_iters: int = 0         # cap on val batches per rank (a quick look); 0 = the whole val set
     val_tokens: int = 10_485_760  # the val set: the first tokens of the val shard (as the speedrun)
     log_interval: int = 10      # steps between lines of log.jsonl
     route_impl: str = 'auto'    # attnres/delta/ddl: 'plain' (model.py), 'fused' (fast/), 'auto'
@@ -63,7 +63,7 @@ class Config(GPTConfig):  # the model's fields (model.py) come first, then these
     learning_rate: float = 6e-4
     min_lr: float = 6e-5
     max_iters: int = 19_073     # optimizer steps: 19,073 * 524,288 = 10.0B tokens
-    lr_schedule: str = 'cosine'  # 'cosine' decay after warmup, or 'wsd': warmup, stable, linear decay
+    lr_schedule: str = 'cosine'  # 'cosine' decay after warmup; 'wsd': warmup, stable, linear decay
     warmup_iters: int = 700
     cooldown_frac: float = 0.2  # wsd: the last fraction of the steps, decaying linearly to min_lr
     weight_decay: float = 0.1
@@ -78,24 +78,21 @@ class Config(GPTConfig):  # the model's fields (model.py) come first, then these
     seed: int = 1337
 
 
-# what each value must be beyond its type, checked before anything runs (GPTConfig checks the model's
-# fields; the device is checked against the machine by cli.pick_device when the run starts)
+# what each value must be beyond its type, checked before anything runs (GPTConfig checks the
+# model's fields; cli.pick_device checks the device against the machine when the run starts)
 RULES = {
     'out_dir': (lambda v: v.strip() != '', 'a folder for ckpt.pt and log.jsonl, not empty'),
     'data_dir': (lambda v: v.strip() != '', 'a folder of token shards, not empty'),
-    'learning_rate': (lambda v: v >= 0, '>= 0'),
+    **{k: (lambda v: v >= 0, '>= 0') for k in ('learning_rate', 'weight_decay', 'routing_lr_mult',
+                                                'max_iters', 'warmup_iters')},
     'min_lr': (lambda v, c: 0 <= v <= c.learning_rate, '>= 0 and <= learning_rate'),
-    'weight_decay': (lambda v: v >= 0, '>= 0'),
-    'beta1': (lambda v: 0 <= v < 1, 'in [0, 1)'),
-    'beta2': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    **{k: (lambda v: 0 <= v < 1, 'in [0, 1)') for k in ('beta1', 'beta2')},
     'grad_clip': (lambda v: v >= 0, '>= 0 (0 = off)'),
-    'routing_lr_mult': (lambda v: v >= 0, '>= 0'),
     'lr_schedule': (lambda v: v in ('cosine', 'wsd'), "'cosine' or 'wsd'"),
     'cooldown_frac': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
     'eval_iters': (lambda v: v >= 0, '>= 0 (0 = the whole val set)'),
     'dtype': (lambda v: v in cli.DTYPES, ', '.join(cli.DTYPES)),
     'route_impl': (lambda v: v in cli.ROUTE_IMPLS, ', '.join(cli.ROUTE_IMPLS)),
-    **{k: (lambda v: v >= 0, '>= 0') for k in ('max_iters', 'warmup_iters')},
     **{k: (lambda v: v > 0, '> 0') for k in ('batch_size', 'total_batch_size', 'eval_interval',
                                               'val_tokens', 'log_interval')},
 }
@@ -104,8 +101,8 @@ DEFAULTS = asdict(Config())  # every key and its default, whose type a value giv
 
 
 def parse_config(argv, base=None):
-    """The Config given by base (a dict such as a checkpoint's config; None = the defaults), then by
-    argv's config files and --key=value overrides in order. A ConfigError names the file or argument."""
+    """The Config of base (a dict, e.g. a checkpoint's config; None = the defaults), then of argv's
+    config files and --key=value overrides in order. A ConfigError names the file or argument."""
     cfg = {**DEFAULTS, **{k: v for k, v in (base or {}).items() if k in DEFAULTS}}
     for arg in argv:
         if arg.startswith('--'):  # the shared --key=value rules of cli.py
@@ -130,11 +127,11 @@ def model_args(cfg):
 # data: sequential reads of uint16 token shards
 
 class DataLoader:
-    """Batches read in order from a list of uint16 token arrays (the train shards).
-    At each micro-step the ranks together take the next B*T*world tokens of the current shard (+1 for
-    the last target) and rank r reads the r-th part, so ranks never see the same tokens. A shard's tail
-    too short for a whole micro-step is skipped; the first shard follows the last. The position (shard,
-    pos) is the same on every rank, so rank 0's is all a checkpoint needs, whatever the world size."""
+    """Batches read in order from a list of uint16 token arrays (the train shards). At each
+    micro-step the ranks together take the next B*T*world tokens of the current shard (+1 for the
+    last target); rank r reads the r-th part, so ranks never see the same tokens. A shard's tail too
+    short for a whole micro-step is skipped; the first shard follows the last. The position (shard,
+    pos) is the same on every rank: rank 0's is all a checkpoint needs, whatever the world size."""
 
     def __init__(self, shards, B, T, rank=0, world=1, names=None):
         self.shards, self.B, self.T, self.rank = shards, B, T, rank
@@ -142,8 +139,8 @@ class DataLoader:
         for i, s in enumerate(shards):  # a shard shorter than one micro-step would never be read
             if len(s) < self.span + 1:
                 raise ConfigError(f'{names[i] if names else f"shard {i}"} has {len(s):,} tokens, '
-                                  f'fewer than one micro-step needs: batch_size * block_size * world '
-                                  f'+ 1 = {self.span + 1:,}')
+                                  f'fewer than one micro-step needs: batch_size * block_size '
+                                  f'* world + 1 = {self.span + 1:,}')
         self.shard, self.pos = 0, 0
 
     def next_batch(self):
@@ -162,11 +159,12 @@ class DataLoader:
 
 
 def to_batch(window, T, device):
-    """A window of n*T + 1 tokens -> inputs x and next-token targets y, both (n, T) int64 on device."""
+    """A window of n*T + 1 tokens -> inputs x, next-token targets y: both (n, T) int64 on device."""
     buf = torch.from_numpy(window.astype(np.int64))  # uint16 -> int64 ids (a copy, off the memmap)
-    x, y = buf[:-1].view(-1, T), buf[1:].view(-1, T)  # y is x shifted by one: predict the next token
+    x, y = buf[:-1].view(-1, T), buf[1:].view(-1, T)  # y: x shifted by one, predict the next token
     if device.startswith('cuda'):  # from pinned memory, the copy to the GPU runs asynchronously
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
     return x.to(device), y.to(device)
 
 # -----------------------------------------------------------------------------
@@ -181,7 +179,8 @@ def get_lr(step, cfg):
     last = cfg.max_iters - 1
     if cfg.lr_schedule == 'cosine':
         progress = min(1.0, (step - cfg.warmup_iters) / max(1, last - cfg.warmup_iters))  # 0 -> 1
-        return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+        return cfg.min_lr + (0.5 * (1 + math.cos(math.pi * progress))
+                             * (cfg.learning_rate - cfg.min_lr))
     # wsd: e.g. 1,000 steps with cooldown_frac 0.2 hold learning_rate until step 800, then decay
     decay_start = max(cfg.warmup_iters, cfg.max_iters - round(cfg.cooldown_frac * cfg.max_iters))
     progress = min(1.0, max(0, step - decay_start) / max(1, last - decay_start))
@@ -190,17 +189,17 @@ def get_lr(step, cfg):
 
 @torch.no_grad()
 def evaluate(model, val, n_seq, cfg, env):
-    """Mean loss per token on the fixed val set: the first n_seq sequences of block_size tokens of the
-    val shard. Rank r takes the r-th contiguous share, in micro-batches of batch_size; the loss sums and
-    token counts are all-reduced, so the result depends on neither batch_size nor the world size."""
+    """Mean loss per token on the fixed val set: the first n_seq sequences of block_size tokens of
+    the val shard. Rank r takes the r-th contiguous share in micro-batches of batch_size; loss sums
+    and token counts are all-reduced, so the result depends on neither batch_size nor world size."""
     T, B, world = cfg.block_size, cfg.batch_size, env.world
-    lo, hi = env.rank * n_seq // world, (env.rank + 1) * n_seq // world  # 10,240 seqs, 8 ranks: 1,280
+    lo, hi = env.rank * n_seq // world, (env.rank + 1) * n_seq // world  # 8 ranks: 1,280 of 10,240
     if cfg.eval_iters:  # a quick look: fewer batches, so the number depends on batch_size and world
         hi = min(hi, lo + cfg.eval_iters * B)
     totals = torch.zeros(2, dtype=torch.float64)  # (sum of per-token losses, number of tokens)
     model.eval()
     for s in range(lo, hi, B):
-        x, y = to_batch(val[s * T: min(s + B, hi) * T + 1], T, env.device)  # the last may be smaller
+        x, y = to_batch(val[s * T: min(s + B, hi) * T + 1], T, env.device)  # the last may be short
         with env.ctx:
             _, loss = model(x, y)
         totals += torch.tensor([loss.item() * y.numel(), y.numel()])  # loss: a mean over y's tokens
@@ -209,6 +208,19 @@ def evaluate(model, val, n_seq, cfg, env):
         totals = totals.to(env.device)  # NCCL reduces GPU tensors only
         dist.all_reduce(totals)
     return (totals[0] / totals[1]).item()
+
+
+def sharpness(model, x, env):
+    """How sharp each routed read is on the tokens x: its largest weight and its entropy, measured
+    on rank 0 ({} for standard and ddl, which do not route, and on the other ranks)."""
+    model.eval()
+    with env.ctx:
+        w = routing.weights(model, x) if env.master else None
+    model.train()
+    if w is None:
+        return {}
+    mx, ent = routing.stats(w)
+    return {'routing_max': mx.tolist(), 'routing_entropy': ent.tolist()}
 
 # -----------------------------------------------------------------------------
 # the run: setup, data, model, then the loop
@@ -230,7 +242,7 @@ def setup(cfg, ddp):
     dtype, why = cli.pick_dtype(cfg.dtype, device)
     if kind == 'cuda':  # TF32 for the fp32 matmuls that remain: ~3x fp32 speed on Ampere and newer
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; DDP copies rank 0's initial weights
+    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; DDP copies rank 0's init weights
     # autocast runs the matmuls in bf16/fp16 while weights and optimizer state stay fp32. fp16 also
     # needs a loss scaler against gradient underflow; disabled, the scaler does nothing
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(kind, dtype=getattr(torch, dtype))
@@ -252,7 +264,8 @@ def load_data(cfg, env):
     if n_val == 0:
         raise ConfigError(f'{val_path} has {len(val)} tokens; the val set needs block_size + 1 = '
                           f'{cfg.block_size + 1}')
-    env.say(f'data: {len(paths)} train shard(s); val = {n_val * cfg.block_size:,} tokens of {val_path}'
+    env.say(f'data: {len(paths)} train shard(s); val = {n_val * cfg.block_size:,} tokens of '
+            f'{val_path}'
             + (f', at most {cfg.eval_iters} batches per rank' if cfg.eval_iters else ''))
     return loader, val, n_val
 
@@ -264,38 +277,48 @@ def build_model(cfg, ckpt, src, loader, env):
     if ckpt or src:
         where = os.path.join(cfg.out_dir, 'ckpt.pt') if ckpt else cfg.init_from
         left = checkpoint.load_weights(model, ckpt or src, bool(ckpt), cfg, where)
-    if src:  # a conversion goes on with the train tokens its source has not seen; GPT-2 from the first
+    if src:  # a conversion goes on with the tokens its source has not seen; GPT-2 from the first
         if src['data']:
             loader.load_state(src['data'])
         data = f'shard {loader.shard}, token {loader.pos:,}' if src['data'] else 'the first shard'
         env.say(f'init_from={cfg.init_from}: {src["found"]}; backbone loaded; at init: '
                 f'{", ".join(left) or "nothing"}; train data from {data}')
     model.to(env.device)
-    # the fast paths and compilation, applied from outside. fast.apply replaces the stream's parameters,
+    # fast paths and compilation, applied from outside. fast.apply replaces the stream's parameters,
     # so it comes before the optimizer. Compiling in place keeps the keys free of '_orig_mod.'
     fused = cli.fast_paths(model, cfg.route_impl)
     compiled = 'off'
     if cfg.compile and env.kind != 'cuda':
         compiled = f'off ({env.kind} runs eager)'
-    elif cfg.compile and (sys.platform == 'win32' or find_spec('triton') is None):  # CUDA needs triton
+    elif cfg.compile and (sys.platform == 'win32' or find_spec('triton') is None):  # needs triton
         compiled = 'off (no triton: not installed, or Windows; running eager)'
     elif cfg.compile:
         model.compile()
         compiled = 'on'
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           env.kind, cfg.routing_lr_mult)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                           (cfg.beta1, cfg.beta2), env.kind, cfg.routing_lr_mult)
     gpu = f' ({torch.cuda.get_device_name(env.device)})' if env.kind == 'cuda' else ''
     env.say(f'device {env.device}{gpu} x {env.world}; dtype {env.dtype} ({env.why}); '
             f'compile {compiled}; routing {fused}')
     return model, optimizer
 
 
-def describe(cfg, model, accum, peak, say):
+def grad_accum(cfg, world):
+    """Micro-steps per optimizer step: the batch is fixed in tokens, and grad accumulation makes up
+    what the ranks don't."""
+    micro = cfg.batch_size * cfg.block_size * world  # e.g. 32 * 1,024 * 8 GPUs = 262,144 tokens
+    if cfg.total_batch_size % micro:
+        raise ConfigError(f'total_batch_size={cfg.total_batch_size:,} is not a multiple of '
+                          f'batch_size * block_size * world size = {cfg.batch_size} * '
+                          f'{cfg.block_size} * {world} = {micro:,}')
+    return cfg.total_batch_size // micro  # e.g. 524,288 / 262,144 = 2 micro-steps per step
+
+
+def describe(cfg, model, accum, world, peak, say):
     """What this run is, derived, printed once before the first step."""
     say(f'model: residual={cfg.residual}, {model.get_num_params() / 1e6:.2f}M parameters, '
         f'{model.flops_per_token() / 1e6:,.1f} MFLOP/token; '
         f'peak {f"{peak:.3g} FLOP/s" if peak else "unknown"}')
-    world = cfg.total_batch_size // (cfg.batch_size * cfg.block_size * accum)
     say(f'batch: {cfg.total_batch_size:,} tokens/step = {cfg.batch_size} B x {cfg.block_size} T x '
         f'{accum} accum x {world} ranks; {cfg.max_iters:,} steps = '
         f'{cfg.max_iters * cfg.total_batch_size:,} tokens')
@@ -309,8 +332,7 @@ def main(argv=None):
         print(__doc__ + '\n' + inspect.getsource(GPTConfig) + '\n' + inspect.getsource(Config))
         return
     ddp = 'RANK' in os.environ  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-    progress.step = progress.saved_at = None
-    progress.ctrl_c = 0
+    progress.step, progress.saved_at, progress.ctrl_c = None, None, 0
     on_sigint = signal.signal(signal.SIGINT, checkpoint.on_ctrl_c)
     try:
         train(argv, ddp)
@@ -352,25 +374,18 @@ def train(argv, ddp):
         say(f'init_from={cfg.init_from} sets the backbone: {fixed}'
             + (f' (the config had {changed})' if changed else ''))
         cfg = replace(cfg, **src['model_args'])
-    # batch: the total is fixed in tokens, and grad accumulation makes up what the ranks don't
-    micro = cfg.batch_size * cfg.block_size * world  # e.g. 32 * 1,024 * 8 GPUs = 262,144 tokens
-    if cfg.total_batch_size % micro:
-        raise ConfigError(f'total_batch_size={cfg.total_batch_size:,} is not a multiple of batch_size '
-                          f'* block_size * world size = {cfg.batch_size} * {cfg.block_size} * {world}'
-                          f' = {micro:,}')
-    accum = cfg.total_batch_size // micro  # e.g. 524,288 / 262,144 = 2 micro-steps per step
+    accum = grad_accum(cfg, world)
     loader, val, n_val = load_data(cfg, env)
     model, optimizer = build_model(cfg, ckpt, src, loader, env)
-    step = tokens = 0
-    if ckpt:  # all else it takes to go on exactly as if never stopped: moments, data position, RNG
-        step, tokens = checkpoint.restore(ckpt, optimizer, scaler, loader, env)
+    # all else it takes to go on exactly as if never stopped: moments, data position, RNG
+    step, tokens = checkpoint.restore(ckpt, optimizer, scaler, loader, env) if ckpt else (0, 0)
     resumed_at = saved_at = step if ckpt else None
     del ckpt, src  # free the CPU copies of the weights
-    raw_model = model  # what is saved, evaluated and probed: no DDP wrapper, no 'module.' in its keys
+    raw_model = model  # what is saved, evaluated, probed: no DDP wrapper, no 'module.' in its keys
     if ddp:
         model = DDP(model, device_ids=[env.local_rank] if env.kind == 'cuda' else None)
     peak = cli.peak_flops(device)  # dense bf16 FLOP/s of this GPU; None on CPU, MPS, an unknown GPU
-    describe(cfg, raw_model, accum, peak, say)
+    describe(cfg, raw_model, accum, world, peak, say)
     if env.master:  # the config first; a resumed run keeps the lines up to its checkpoint's step
         checkpoint.start_log(log_path, asdict(cfg), resumed_at)
 
@@ -389,13 +404,7 @@ def train(argv, ddp):
             val_loss = evaluate(raw_model, val, n_val, cfg, env)
             if not math.isfinite(val_loss):
                 stop('val loss', val_loss, step, ckpt_path, saved_at)
-            rec['val_loss'] = val_loss
-            raw_model.eval()
-            with ctx:  # None for standard and ddl, which do not route
-                w = routing.weights(raw_model, x_routing) if env.master else None
-            raw_model.train()
-            if w is not None:  # how sharp each routed read is: its largest weight and its entropy
-                rec['routing_max'], rec['routing_entropy'] = (t.tolist() for t in routing.stats(w))
+            rec = {'val_loss': val_loss, **sharpness(raw_model, x_routing, env)}
 
         # a line of log.jsonl at each logged step; tok/s and MFU count only training time since the
         # last line. It is on disk before the step's checkpoint: a resume does not redo the step
@@ -403,41 +412,34 @@ def train(argv, ddp):
             tok_s = win_tokens / win_time if win_time else None  # None: no timed step yet
             mfu = raw_model.estimate_mfu(tok_s / world, peak) if tok_s else None  # per GPU
             mem = torch.cuda.max_memory_allocated(device) / 2**20 if env.kind == 'cuda' else None
-            checkpoint.append_log(log_path, {'step': step, 'tokens': tokens, 'train_loss': train_loss,
-                                             **rec, 'lr': lr, 'tok_per_s': tok_s, 'mfu': mfu,
-                                             'peak_mem_mb': mem})
+            checkpoint.append_log(log_path, {'step': step, 'tokens': tokens,
+                                             'train_loss': train_loss, **rec, 'lr': lr,
+                                             'tok_per_s': tok_s, 'mfu': mfu, 'peak_mem_mb': mem})
             hard_stop('log', step)
             win_tokens, win_time = 0, 0.0
 
         if evaluating and step > (resumed_at or 0):
-            rngs = checkpoint.rng_states(env, ddp)  # every rank's: dropout goes on exactly on resume
+            rngs = checkpoint.rng_states(env, ddp)  # every rank's: dropout resumes exactly
             if env.master:
                 save_checkpoint({'model': raw_model.state_dict(), 'model_args': model_args(cfg),
                                  'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                                 'step': step, 'tokens': tokens, 'data': loader.state(), 'rng': rngs,
-                                 'config': asdict(cfg), 'val_loss': val_loss}, ckpt_path)
+                                 'step': step, 'tokens': tokens, 'data': loader.state(),
+                                 'rng': rngs, 'config': asdict(cfg), 'val_loss': val_loss},
+                                ckpt_path)
             saved_at = progress.saved_at = step
         if evaluating:
             say(f'step {step}: val loss {val_loss:.4f}'
                 + (f', saved {ckpt_path}' if saved_at == step else ''))
         if step == cfg.max_iters:
             break
-
-        # the safe point for Ctrl-C: this step's log line and checkpoint are done, the next step not
-        # begun. Under DDP every rank stops at the same step, whichever of them saw the signal
-        stopping = progress.ctrl_c
-        if ddp:
-            flag = torch.tensor(stopping, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stopping = flag.item()
-        if stopping:
+        if ctrl_c_seen(ddp, device):  # the safe point for Ctrl-C, between two steps
             raise Interrupted
 
-        # one optimizer step: accum micro-batches on each rank, the gradient averaged over all of them
+        # one optimizer step: accum micro-batches on each rank, the gradient averaged over all
         t0 = time.perf_counter()
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
-            g['lr'] = lr * g['lr_mult']  # lr_mult: routing_lr_mult for the variant's parameters, else 1
+            g['lr'] = lr * g['lr_mult']  # lr_mult: routing_lr_mult for the variant's params, else 1
         loss_sum = torch.zeros((), device=device)
         for i in range(accum):
             x, y = to_batch(loader.next_batch(), cfg.block_size, device)
@@ -468,6 +470,16 @@ def train(argv, ddp):
                             + (f' | MFU {mfu:.1%}' if mfu else ''), refresh=False)
         bar.update()
     bar.close()
+
+
+def ctrl_c_seen(ddp, device):
+    """Ctrl-C seen, asked at the safe point: this step's log line and checkpoint are done, the next
+    step not begun. Under DDP every rank stops at the same step, whichever rank saw the signal."""
+    if not ddp:
+        return progress.ctrl_c
+    flag = torch.tensor(progress.ctrl_c, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item()
 
 
 def stop(what, value, step, ckpt_path, saved_at):
