@@ -284,22 +284,25 @@ def mean_std(xs):
 
 
 def loss_table(rows):
-    """One line per run: its val losses, the difference to the mean of standard's seeds and their
-    spread, speed and memory; then one line per variant with the mean over its seeds."""
+    """One line per run: its val losses, the difference to the mean of standard's seeds and to
+    standard of the same seed (the runs of one seed share their backbone's initial weights, so that
+    difference is paired), speed and memory; then one line per variant with its mean over seeds."""
     # the val files measured besides the run's own val loss
     vals = sorted({f for r in rows for f in r['val']})
-    std = [r['val_loss'] for r in rows if r['run'] == 'standard']
-    base, spread = mean_std(std) if std else (None, None)
+    std = {r['seed']: r['val_loss'] for r in rows if r['run'] == 'standard'}
+    base, spread = mean_std(list(std.values())) if std else (None, None)
     lines = ['| run | seed | val loss at step 0 | val loss | ' + ''.join(f'{f} | ' for f in vals)
-             + 'vs standard | tok/s | peak memory | params |', '|---' * (8 + len(vals)) + '|']
+             + 'vs standard | vs standard, same seed | tok/s | peak memory | params |',
+             '|---' * (9 + len(vals)) + '|']
     for r in rows:
         diff = f'{r["val_loss"] - base:+.4f}' if base is not None else '-'
+        paired = f'{r["val_loss"] - std[r["seed"]]:+.4f}' if r['seed'] in std else '-'
         mem = f'{r["peak_mem_mb"] / 1024:.1f} GiB' if r.get('peak_mem_mb') else '-'
         params = f'{r["params"] / 1e6:.2f}M' if r.get('params') else '-'
         lines.append(f'| {r["run"]} | {r["seed"]} | {r["start_val_loss"]:.4f} | '
                      f'{r["val_loss"]:.4f} | '
                      + ''.join(f'{r["val"][f]:.4f} | ' if f in r['val'] else '- | ' for f in vals)
-                     + f'{diff} | {r["tok_per_s"]:,.0f} | {mem} | {params} |')
+                     + f'{diff} | {paired} | {r["tok_per_s"]:,.0f} | {mem} | {params} |')
     if base is not None:
         lines += ['', f'Per variant, the mean over its seeds; standard\'s seeds spread by '
                       f'{spread:.4f} (sample std):',
@@ -363,17 +366,18 @@ def importance_table(importance):
 
 def routing_table(routes, n_seq):
     """The routing sharpness of the final models: one row per routed read in model order, one
-    column per run."""
-    maxw = {name: dict(zip(v['dests'], v['max_weight'])) for name, v in routes.items()}
-    if not maxw:
+    column per run with the largest weight and the entropy (nats), both per token, then averaged."""
+    stats = {name: {d: (m, e) for d, m, e in zip(v['dests'], v['max_weight'], v.get('entropy', []))}
+             for name, v in routes.items()}
+    if not stats:
         return []
-    reads = sorted({read for m in maxw.values() for read in m}, key=read_order)
-    lines = ['', f'Largest routing weight per token, mean over the first {n_seq} val sequences, '
-                 'after training ("-": the run has no such read):', '',
-             '| read | ' + ' | '.join(maxw) + ' |', '|---|' + '---|' * len(maxw)]
+    reads = sorted({read for m in stats.values() for read in m}, key=read_order)
+    lines = ['', f'Largest routing weight / entropy (nats) per token, mean over the first {n_seq} '
+                 'val sequences, after training ("-": the run has no such read):', '',
+             '| read | ' + ' | '.join(stats) + ' |', '|---|' + '---|' * len(stats)]
     return lines + [f'| {read} | '
-                    + ' | '.join(f'{m[read]:.3f}' if read in m else '-' for m in maxw.values())
-                    + ' |' for read in reads]
+                    + ' | '.join(f'{m[read][0]:.3f} / {m[read][1]:.2f}' if read in m else '-'
+                                 for m in stats.values()) + ' |' for read in reads]
 
 
 def plots(out_dir, curves, routes, importance):
@@ -420,12 +424,13 @@ def plots(out_dir, curves, routes, importance):
 def main(argv=None):
     cfg, passthrough = parse(sys.argv[1:] if argv is None else argv)
     failed = [] if cfg['report_only'] else launch(cfg, passthrough)
-    if not report(cfg):
-        raise SystemExit(f'error: no finished run in {cfg["out_dir"]} to report on '
-                         f'(runs: {cfg["runs"]})')
+    reported = report(cfg)
     if failed:  # the table holds the runs that finished; the exit status says that some did not
         raise SystemExit(f'error: {len(failed)} run(s) failed: {", ".join(failed)}; '
                          'see their stdout.txt')
+    if not reported:
+        raise SystemExit(f'error: no finished run in {cfg["out_dir"]} to report on '
+                         f'(runs: {cfg["runs"]})')
 
 
 if __name__ == '__main__':

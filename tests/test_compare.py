@@ -89,7 +89,7 @@ def test_finetune_family_from_a_pretrained_checkpoint(tmp_path, monkeypatch):
     # the reads in model order; Delta's first sublayer reads e unrouted, and only AttnRes has a final read
     assert [line.split(' | ')[0] for line in routing_lines[4:]] == ['| L0.attn', '| L0.mlp', '| L1.attn', '| L1.mlp',
                                                                     '| L2.attn', '| L2.mlp', '| final']
-    assert routing_lines[4].startswith('| L0.attn | - | - | 1.000 | 1.000 | - |')  # one source: all its weight
+    assert routing_lines[4].startswith('| L0.attn | - | - | 1.000 / 0.00 | 1.000 / 0.00 | - |')  # one source
     assert len(result['routing']['attnres']['max_weight']) == 7 and 'standard' not in result['routing']
     if find_spec('matplotlib'):
         assert (out / 'loss_curves.png').exists() and (out / 'routing_max.png').exists()
