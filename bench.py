@@ -1,19 +1,19 @@
 """
 Benchmarks: training-step speed and memory of each residual variant, and the routing op alone.
 
-    python bench.py                                  # GPT-2 124M, every variant, B=16 T=1024, on the GPU
+    python bench.py                    # GPT-2 124M, every variant, B=16 T=1024, on the GPU
     python bench.py --variants=standard,delta --steps=20
     python bench.py --device=cpu --n_layer=2 --n_embd=64 --n_head=2 --block_size=64 --batch_size=2 --compile=False
 
-Each variant trains for `warmup` untimed steps (compilation happens there), then `steps` timed steps on random
-tokens. One table is printed (ms/step, tok/s, MFU against the device's peak, peak memory, ratios to the
-standard variant of the same run) and written as JSON. `--route_impl=plain` or `--route_impl=fused` times
-AttnRes, Delta and DDL with model.py's code or the fused paths of fast/ in every form ('auto', the default,
-picks per form; see FusedRouted.fused and FusedDeepDelta.fused), applied as train.py applies them.
-The routing micro-benchmark runs the routing of a whole `route_variant` stream alone (the sublayers replaced by
-fixed random outputs), forward and backward, and reports the bandwidth it achieves counting only the bytes that
-must move: each (source, read) pair's source read once forward, and each read's output gradient read once per
-source backward.
+Each variant trains for `warmup` untimed steps (compilation happens there), then `steps` timed steps
+on random tokens. One table is printed (ms/step, tok/s, MFU against the device's peak, peak memory,
+ratios to the standard variant of the same run) and written as JSON. `--route_impl=plain` or
+`--route_impl=fused` times AttnRes, Delta and DDL with model.py's code or the fused paths of fast/
+in every form ('auto', the default, picks per form; see FusedRouted.fused and FusedDeepDelta.fused),
+applied as train.py applies them. The routing micro-benchmark runs the routing of a whole
+`route_variant` stream alone (the sublayers replaced by fixed random outputs), forward and backward,
+and reports the bandwidth it achieves counting only the bytes that must move: each (source, read)
+pair's source read once forward, and each read's output gradient read once per source backward.
 """
 
 import json
@@ -33,7 +33,8 @@ defaults = dict(
     variants=','.join(VARIANTS), device='cuda', dtype='bfloat16', compile=True, route_impl='auto',
     batch_size=16, block_size=1024, n_layer=12, n_head=12, n_embd=768, vocab_size=50304,
     warmup=10, steps=30, seed=1337, json='bench.json',
-    profile=False,  # also write the top GPU kernels of 3 profiled steps per variant next to the JSON
+    # also write the top GPU kernels of 3 profiled steps per variant next to the JSON
+    profile=False,
     route_variant='delta', route_steps=20,  # 0 route_steps skips the routing micro-benchmark
 )
 
@@ -49,17 +50,19 @@ RULES = {  # each bad value is one line and exit status 1, before any benchmark 
     'route_steps': (lambda v: v >= 0, '>= 0 (0 skips the routing micro-benchmark)'),
     'json': (lambda v: v.endswith('.json') and os.path.isdir(os.path.dirname(v) or '.'),
              'a .json file in a folder that exists (the results are written there at the end)'),
-    **{k: (lambda v: v >= 1, '>= 1') for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd',
-                                                'vocab_size')},
+    **{k: (lambda v: v >= 1, '>= 1')
+       for k in ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'vocab_size')},
 }
 
 
 def parse(argv):
-    """--key=value overrides of `defaults`, each converted to its default's type and checked by RULES."""
+    """--key=value overrides of `defaults`, each cast to its default's type and checked by RULES."""
     cfg = cli.parse(argv, defaults, __doc__, RULES)
-    try:  # the model's own checks (n_embd divisible by n_head, ...) and the device, before anything runs
-        GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'], block_size=cfg['block_size'],
-                  vocab_size=cfg['vocab_size'], **VARIANTS[cfg['route_variant']])
+    # the model's own checks (n_embd divisible by n_head, ...) and the device, before anything runs
+    try:
+        GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
+                  block_size=cfg['block_size'], vocab_size=cfg['vocab_size'],
+                  **VARIANTS[cfg['route_variant']])
         cfg['device'] = cli.pick_device(cfg['device'])
         cfg['dtype'] = cli.pick_dtype(cfg['dtype'], cfg['device'])[0]
     except (ValueError, cli.ConfigError) as e:
@@ -75,10 +78,13 @@ def sync(device):
 def bench_variant(name, cfg, device):
     """Time `steps` AdamW training steps of one variant; returns a dict of measurements."""
     torch.manual_seed(cfg['seed'])
-    mcfg = GPTConfig(block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], n_layer=cfg['n_layer'],
-                     n_head=cfg['n_head'], n_embd=cfg['n_embd'], **VARIANTS[name])
-    model = GPT(mcfg).to(device)  # fp32 weights; autocast below runs the matmuls in bf16, as train.py does
-    cli.fast_paths(model, cfg['route_impl'])  # before the optimizer: it replaces the stream's parameters
+    mcfg = GPTConfig(block_size=cfg['block_size'], vocab_size=cfg['vocab_size'],
+                     n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
+                     **VARIANTS[name])
+    # fp32 weights; autocast below runs the matmuls in bf16, as train.py does
+    model = GPT(mcfg).to(device)
+    # before the optimizer: it replaces the stream's parameters
+    cli.fast_paths(model, cfg['route_impl'])
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
     if cfg['compile']:
         model.compile()  # in place, the whole model as one graph
@@ -86,7 +92,8 @@ def bench_variant(name, cfg, device):
     # random tokens: the speed of a step does not depend on the data, and no dataset is needed
     x = torch.randint(0, mcfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, mcfg.vocab_size, (B, T), device=device)
-    autocast = torch.autocast(device.type, dtype=getattr(torch, cfg['dtype']), enabled=cfg['dtype'] != 'float32')
+    autocast = torch.autocast(device.type, dtype=getattr(torch, cfg['dtype']),
+                              enabled=cfg['dtype'] != 'float32')
 
     def step():
         with autocast:
@@ -101,7 +108,8 @@ def bench_variant(name, cfg, device):
         step()
     sync(device)
     warmup_s = time.time() - t0
-    if device.type == 'cuda':  # peak memory of the timed steps: weights, optimizer state and one step's activations
+    # peak memory of the timed steps: weights, optimizer state and one step's activations
+    if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
     for _ in range(cfg['steps']):
@@ -125,10 +133,11 @@ def bench_variant(name, cfg, device):
 
 
 def bench_routing(cfg, device):
-    """Forward and backward of the routing of a whole stream, the sublayers replaced by fixed random outputs.
-    The bytes that must move (per token, d wide, sources and gradients in the storage dtype): forward, each
-    (source, read) pair's source once; backward, each read's output gradient once per source that it saw.
-    E.g. Delta, 12 layers: 299 pairs x 768 x 2 bytes x 2 = 0.92 MB a token, 15 GB for 16k tokens."""
+    """Forward and backward of the routing of a whole stream, the sublayers replaced by fixed random
+    outputs. The bytes that must move (per token, d wide, sources and gradients in the storage
+    dtype): forward, each (source, read) pair's source once; backward, each read's output gradient
+    once per source that it saw. E.g. Delta, 12 layers: 299 pairs x 768 x 2 bytes x 2 = 0.92 MB a
+    token, 15 GB for 16k tokens."""
     torch.manual_seed(cfg['seed'])
     B, T, L, d = cfg['batch_size'], cfg['block_size'], cfg['n_layer'], cfg['n_embd']
     mcfg = GPTConfig(n_layer=L, n_head=cfg['n_head'], n_embd=d, **VARIANTS[cfg['route_variant']])
@@ -138,7 +147,8 @@ def bench_routing(cfg, device):
     dtype = getattr(torch, cfg['dtype'])
     autocast = torch.autocast(device.type, dtype=dtype, enabled=cfg['dtype'] != 'float32')
     e = torch.randn(B, T, d, device=device, requires_grad=True)
-    outs = [torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2 * L)]
+    outs = [torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True)
+            for _ in range(2 * L)]
     grads = [torch.randn(B, T, d, device=device) for _ in range(2 * L + 1)]
 
     def run(e, outs):
@@ -177,14 +187,16 @@ def bench_routing(cfg, device):
         y.copy_(x)
     sync(device)
     copy_bw = 2 * x.numel() * 20 / (time.time() - t0)
-    return dict(variant=cfg['route_variant'], impl='fused' if fused else 'plain', pairs=pairs, tokens=B * T, d=d,
-                ms=1000 * dt, bytes=nbytes, gb_per_s=nbytes / dt / 1e9, copy_gb_per_s=copy_bw / 1e9)
+    return dict(variant=cfg['route_variant'], impl='fused' if fused else 'plain', pairs=pairs,
+                tokens=B * T, d=d, ms=1000 * dt, bytes=nbytes, gb_per_s=nbytes / dt / 1e9,
+                copy_gb_per_s=copy_bw / 1e9)
 
 
 def main(argv=None):
     cfg = parse(sys.argv[1:] if argv is None else argv)
     device = torch.device(cfg['device'])
-    if device.type == 'cuda':  # as train.py: TF32 for the fp32 matmuls that remain (the routing logits)
+    # as train.py: TF32 for the fp32 matmuls that remain (the routing logits)
+    if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         print(f'{torch.cuda.get_device_name(device)}, torch {torch.__version__}, '
@@ -198,22 +210,28 @@ def main(argv=None):
             torch.cuda.empty_cache()
     base = next((r for r in rows if r['variant'] == 'standard'), None)
     fmt = lambda v, f: '-' if v is None else format(v, f)
-    print('\n| variant | ms/step | tok/s | MFU | peak mem (MB) | step vs standard | mem vs standard | warm-up (s) |')
+    print('\n| variant | ms/step | tok/s | MFU | peak mem (MB) | step vs standard '
+          '| mem vs standard | warm-up (s) |')
     print('|---|---|---|---|---|---|---|---|')
     for r in rows:  # ratios against the standard model measured in this same run
         r['step_ratio'] = r['ms_per_step'] / base['ms_per_step'] if base else None
-        r['mem_ratio'] = r['peak_mem_mb'] / base['peak_mem_mb'] if base and r['peak_mem_mb'] else None
+        r['mem_ratio'] = (r['peak_mem_mb'] / base['peak_mem_mb'] if base and r['peak_mem_mb']
+                          else None)
         print(f'| {r["variant"]} | {r["ms_per_step"]:.1f} | {r["tok_per_s"]:,.0f} | '
-              f'{fmt(r["mfu"] and 100 * r["mfu"], ".1f")}{"%" if r["mfu"] else ""} | {fmt(r["peak_mem_mb"], ",.0f")} | '
-              f'{fmt(r["step_ratio"], ".2f")}x | {fmt(r["mem_ratio"], ".2f")}{"x" if r["mem_ratio"] else ""} | '
+              f'{fmt(r["mfu"] and 100 * r["mfu"], ".1f")}{"%" if r["mfu"] else ""} | '
+              f'{fmt(r["peak_mem_mb"], ",.0f")} | {fmt(r["step_ratio"], ".2f")}x | '
+              f'{fmt(r["mem_ratio"], ".2f")}{"x" if r["mem_ratio"] else ""} | '
               f'{r["warmup_s"]:.0f} |')
-    result = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type,
-                  torch=torch.__version__, date=time.strftime('%Y-%m-%d'), config=cfg, variants=rows)
+    result = dict(device=(torch.cuda.get_device_name(device) if device.type == 'cuda'
+                          else device.type),
+                  torch=torch.__version__, date=time.strftime('%Y-%m-%d'), config=cfg,
+                  variants=rows)
     if cfg['route_steps'] > 0:
         rt = result['routing'] = bench_routing(cfg, device)
-        print(f'\nrouting of a whole {rt["variant"]} stream ({rt["impl"]}), {rt["pairs"]} (source, read) pairs x '
-              f'{rt["tokens"]} tokens x {rt["d"]} wide, fwd+bwd: {rt["ms"]:.3f} ms, {rt["gb_per_s"]:.0f} GB/s of bytes '
-              f'that must move ({100 * rt["gb_per_s"] / rt["copy_gb_per_s"]:.0f}% of a copy\'s '
+        print(f'\nrouting of a whole {rt["variant"]} stream ({rt["impl"]}), '
+              f'{rt["pairs"]} (source, read) pairs x {rt["tokens"]} tokens x {rt["d"]} wide, '
+              f'fwd+bwd: {rt["ms"]:.3f} ms, {rt["gb_per_s"]:.0f} GB/s of bytes that must move'
+              f' ({100 * rt["gb_per_s"] / rt["copy_gb_per_s"]:.0f}% of a copy\'s '
               f'{rt["copy_gb_per_s"]:.0f} GB/s)')
     with open(cfg['json'], 'w') as f:
         json.dump(result, f, indent=1)
