@@ -337,3 +337,22 @@ def log_step(line):
         return json.loads(line).get('step', -1)
     except json.JSONDecodeError:
         return math.inf
+
+
+def ctrl_c_seen(ddp, device):
+    """Ctrl-C seen, asked at the safe point: this step's log line and checkpoint are done, the next
+    step not begun. Under DDP every rank stops at the same step, whichever rank saw the signal."""
+    if not ddp:
+        return progress.ctrl_c
+    flag = torch.tensor(progress.ctrl_c, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item()
+
+
+def stop(what, value, step, ckpt_path, saved_at):
+    """Exit on a NaN or inf loss, naming the step; the checkpoint on disk is left as it is."""
+    kept = (f'the last good checkpoint, {ckpt_path} at step {saved_at}, is kept' if saved_at
+            else 'nothing was saved')
+    raise SystemExit(f'error: {what} is {value} at step {step}; stopping ({kept}). Try a lower '
+                     'learning_rate or a longer warmup_iters, from the checkpoint with '
+                     '--init_from=resume')

@@ -217,6 +217,55 @@ def pick_dtype(dtype, device):
     return 'float32', f'auto: {kind}'
 
 
+def runtime(device, dtype, seed, ddp):
+    """Processes, device and precision of a training run. Under torchrun: one process per GPU (NCCL),
+    or CPU processes (gloo). Rank 0 prints, logs and saves."""
+    import os
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
+    env = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')
+    rank, local_rank, world = (int(os.environ[k]) for k in env) if ddp else (0, 0, 1)
+    device = pick_device(device)
+    if ddp and device.startswith('cuda'):
+        device = f'cuda:{local_rank}'  # one GPU per process
+        torch.cuda.set_device(device)
+    kind = torch.device(device).type  # cuda, mps or cpu
+    if ddp:
+        if kind not in ('cuda', 'cpu'):
+            raise ConfigError(f'device={device}: DDP runs on cuda (NCCL) or cpu (gloo)')
+        dist.init_process_group('nccl' if kind == 'cuda' else 'gloo')
+    dtype, why = pick_dtype(dtype, device)
+    if kind == 'cuda':  # TF32 for the fp32 matmuls that remain: ~3x fp32 speed on Ampere and newer
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(seed + rank)  # dropout differs per rank; DDP copies rank 0's initial weights
+    # autocast runs the matmuls in bf16/fp16 while weights and optimizer state stay fp32. fp16 also
+    # needs a loss scaler against gradient underflow; disabled, the scaler does nothing
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(kind, dtype=getattr(torch, dtype))
+    return SimpleNamespace(rank=rank, local_rank=local_rank, world=world, device=device, kind=kind,
+                           dtype=dtype, why=why, master=rank == 0, ctx=ctx,
+                           say=tqdm.write if rank == 0 else lambda *a: None,
+                           scaler=torch.amp.GradScaler('cuda', enabled=(dtype == 'float16')))
+
+
+def compile_model(model, want, kind):
+    """model.compile() in place where it can run (CUDA with triton; CPU and MPS run eager), so that the
+    state_dict keeps its keys (no '_orig_mod.'). Returns what was done, in words."""
+    import sys
+    from importlib.util import find_spec
+    if not want:
+        return 'off'
+    if kind != 'cuda':
+        return f'off ({kind} runs eager)'
+    if sys.platform == 'win32' or find_spec('triton') is None:  # torch.compile needs triton on CUDA
+        return 'off (no triton: not installed, or Windows; running eager)'
+    model.compile()
+    return 'on'
+
+
 # dense bf16 peak FLOP/s by device name, for MFU (vendor data sheets, without sparsity)
 PEAK_FLOPS = [('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('A100', 312e12),
               ('L40S', 362e12), ('L4', 121e12), ('A10G', 70e12), ('RTX 4090', 165e12),

@@ -24,8 +24,6 @@ import textwrap
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
-from importlib.util import find_spec
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -225,33 +223,6 @@ def sharpness(model, x, env):
 # -----------------------------------------------------------------------------
 # the run: setup, data, model, then the loop
 
-def setup(cfg, ddp):
-    """Processes, device and precision. Under torchrun: one process per GPU (NCCL), or CPU processes
-    (gloo). Rank 0 prints, logs and saves."""
-    env = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')
-    rank, local_rank, world = (int(os.environ[k]) for k in env) if ddp else (0, 0, 1)
-    device = cli.pick_device(cfg.device)
-    if ddp and device.startswith('cuda'):
-        device = f'cuda:{local_rank}'  # one GPU per process
-        torch.cuda.set_device(device)
-    kind = torch.device(device).type  # cuda, mps or cpu
-    if ddp:
-        if kind not in ('cuda', 'cpu'):
-            raise ConfigError(f'device={device}: DDP runs on cuda (NCCL) or cpu (gloo)')
-        dist.init_process_group('nccl' if kind == 'cuda' else 'gloo')
-    dtype, why = cli.pick_dtype(cfg.dtype, device)
-    if kind == 'cuda':  # TF32 for the fp32 matmuls that remain: ~3x fp32 speed on Ampere and newer
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; DDP copies rank 0's init weights
-    # autocast runs the matmuls in bf16/fp16 while weights and optimizer state stay fp32. fp16 also
-    # needs a loss scaler against gradient underflow; disabled, the scaler does nothing
-    ctx = nullcontext() if dtype == 'float32' else torch.autocast(kind, dtype=getattr(torch, dtype))
-    return SimpleNamespace(rank=rank, local_rank=local_rank, world=world, device=device, kind=kind,
-                           dtype=dtype, why=why, master=rank == 0, ctx=ctx,
-                           say=tqdm.write if rank == 0 else lambda *a: None,
-                           scaler=torch.amp.GradScaler('cuda', enabled=(dtype == 'float16')))
-
-
 def load_data(cfg, env):
     """The train shards, read in order, and the fixed val set: the first val_tokens of the first val
     shard. Every token id is checked against vocab_size here, not where it would crash mid-run."""
@@ -287,14 +258,7 @@ def build_model(cfg, ckpt, src, loader, env):
     # fast paths and compilation, applied from outside. fast.apply replaces the stream's parameters,
     # so it comes before the optimizer. Compiling in place keeps the keys free of '_orig_mod.'
     fused = cli.fast_paths(model, cfg.route_impl)
-    compiled = 'off'
-    if cfg.compile and env.kind != 'cuda':
-        compiled = f'off ({env.kind} runs eager)'
-    elif cfg.compile and (sys.platform == 'win32' or find_spec('triton') is None):  # needs triton
-        compiled = 'off (no triton: not installed, or Windows; running eager)'
-    elif cfg.compile:
-        model.compile()
-        compiled = 'on'
+    compiled = cli.compile_model(model, cfg.compile, env.kind)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                            (cfg.beta1, cfg.beta2), env.kind, cfg.routing_lr_mult)
     gpu = f' ({torch.cuda.get_device_name(env.device)})' if env.kind == 'cuda' else ''
@@ -362,7 +326,7 @@ def train(argv, ddp):
     elif os.path.exists(ckpt_path):  # never overwrite a run by accident
         raise ConfigError(f'{ckpt_path} exists; continue it with --init_from=resume, or choose '
                           'another out_dir')
-    env = setup(cfg, ddp)
+    env = cli.runtime(cfg.device, cfg.dtype, cfg.seed, ddp)
     device, ctx, scaler, world, say = env.device, env.ctx, env.scaler, env.world, env.say
     # the weights to start from, unless resumed: another run's checkpoint (its backbone) or GPT-2's,
     # whose weights fix the backbone's fields, whatever the config said
@@ -403,7 +367,7 @@ def train(argv, ddp):
         if evaluating:
             val_loss = evaluate(raw_model, val, n_val, cfg, env)
             if not math.isfinite(val_loss):
-                stop('val loss', val_loss, step, ckpt_path, saved_at)
+                checkpoint.stop('val loss', val_loss, step, ckpt_path, saved_at)
             rec = {'val_loss': val_loss, **sharpness(raw_model, x_routing, env)}
 
         # a line of log.jsonl at each logged step; tok/s and MFU count only training time since the
@@ -432,7 +396,7 @@ def train(argv, ddp):
                 + (f', saved {ckpt_path}' if saved_at == step else ''))
         if step == cfg.max_iters:
             break
-        if ctrl_c_seen(ddp, device):  # the safe point for Ctrl-C, between two steps
+        if checkpoint.ctrl_c_seen(ddp, device):  # the safe point for Ctrl-C, between two steps
             raise Interrupted
 
         # one optimizer step: accum micro-batches on each rank, the gradient averaged over all
@@ -454,7 +418,7 @@ def train(argv, ddp):
             dist.all_reduce(loss_sum)  # the same loss on every rank, so all of them stop on a NaN
         train_loss = loss_sum.item() / (accum * world)  # .item() waits for the GPU: dt is real
         if not math.isfinite(train_loss):  # checked before the update: the weights are still good
-            stop('train loss', train_loss, step + 1, ckpt_path, saved_at)
+            checkpoint.stop('train loss', train_loss, step + 1, ckpt_path, saved_at)
         if cfg.grad_clip:
             scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -470,25 +434,6 @@ def train(argv, ddp):
                             + (f' | MFU {mfu:.1%}' if mfu else ''), refresh=False)
         bar.update()
     bar.close()
-
-
-def ctrl_c_seen(ddp, device):
-    """Ctrl-C seen, asked at the safe point: this step's log line and checkpoint are done, the next
-    step not begun. Under DDP every rank stops at the same step, whichever rank saw the signal."""
-    if not ddp:
-        return progress.ctrl_c
-    flag = torch.tensor(progress.ctrl_c, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item()
-
-
-def stop(what, value, step, ckpt_path, saved_at):
-    """Exit on a NaN or inf loss, naming the step; the checkpoint on disk is left as it is."""
-    kept = (f'the last good checkpoint, {ckpt_path} at step {saved_at}, is kept' if saved_at
-            else 'nothing was saved')
-    raise SystemExit(f'error: {what} is {value} at step {step}; stopping ({kept}). Try a lower '
-                     'learning_rate or a longer warmup_iters, from the checkpoint with '
-                     '--init_from=resume')
 
 
 if __name__ == '__main__':
