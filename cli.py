@@ -218,8 +218,8 @@ def pick_dtype(dtype, device):
 
 
 def runtime(device, dtype, seed, ddp):
-    """Processes, device and precision of a training run. Under torchrun: one process per GPU (NCCL),
-    or CPU processes (gloo). Rank 0 prints, logs and saves."""
+    """Processes, device and precision of a training run. Under torchrun: one process per GPU
+    (NCCL), or CPU processes (gloo). Rank 0 prints, logs and saves."""
     import os
     from contextlib import nullcontext
     from types import SimpleNamespace
@@ -252,8 +252,8 @@ def runtime(device, dtype, seed, ddp):
 
 
 def compile_model(model, want, kind):
-    """model.compile() in place where it can run (CUDA with triton; CPU and MPS run eager), so that the
-    state_dict keeps its keys (no '_orig_mod.'). Returns what was done, in words."""
+    """model.compile() in place where it can run (CUDA with triton; CPU and MPS run eager), so that
+    the state_dict keeps its keys (no '_orig_mod.'). Returns what was done, in words."""
     import sys
     from importlib.util import find_spec
     if not want:
