@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 from contextlib import suppress
@@ -88,6 +89,13 @@ class HashingWriter:
         self.f.flush()
 
 
+def free_mb(path):
+    """Free space, in MiB, on the file system that holds path (a file that may not exist yet)."""
+    with suppress(OSError):
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free // 2**20
+    return math.inf
+
+
 def save_checkpoint(ckpt, path):
     """Write to a temporary file, with the SHA-256 of its contents at the end, fsync it, then rename
     it over path. The rename is atomic, so a crash at any moment leaves either the previous
@@ -106,6 +114,9 @@ def save_checkpoint(ckpt, path):
         os.replace(tmp, path)
     # disk full, no permission, a failed rename, Ctrl-C: no half-written file stays
     except BaseException as e:
+        # torch's zip writer reports a full disk in words of its own: the free space tells, before
+        # the temporary file is removed (which frees what it took)
+        full = isinstance(e, RuntimeError) and free_mb(tmp) < 64
         with suppress(OSError):
             os.remove(tmp)
         # a second Ctrl-C stops now; torch.save may have turned it into a RuntimeError
@@ -114,6 +125,7 @@ def save_checkpoint(ckpt, path):
         # torch.save reports a failed write as a RuntimeError
         if isinstance(e, (OSError, RuntimeError)):
             why = e.strerror if isinstance(e, OSError) and e.strerror else ' '.join(str(e).split())
+            why = f'no space left on device (torch: {why})' if full else why
             previous = (f'the previous {path} is unchanged' if os.path.exists(path)
                         else 'no checkpoint was written')
             raise SaveError(f'cannot write the checkpoint {path}: {why}; {tmp} removed, '

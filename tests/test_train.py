@@ -501,8 +501,15 @@ def fault_open(open_):
     return fails_for_tmp
 
 
+def fault_torch_disk_full(obj, f):  # a full disk, in the words of torch's zip writer, and 0 bytes free
+    f.write(b'x' * 1000)
+    shutil.disk_usage = lambda path: shutil._ntuple_diskusage(100 * 2**30, 100 * 2**30, 0)
+    raise RuntimeError('PytorchStreamWriter failed writing file data/0: file write failed')
+
+
 FAULTS = {'rename': ('os.replace', fault_replace(os.replace), 'Permission denied'),
           'disk full': ('torch.save', fault_disk_full, 'No space left on device'),
+          'disk full, torch': ('torch.save', fault_torch_disk_full, 'no space left on device (torch: '),
           'torch write': ('torch.save', fault_torch_write, 'unexpected pos'),
           'no permission': ('builtins.open', fault_open(open), 'Permission denied')}
 
@@ -514,6 +521,7 @@ def test_a_failed_save_is_a_clear_error_and_keeps_the_checkpoint(tmp_path, data_
     good = (out / 'ckpt.pt').read_bytes()
     target, fake, reason = FAULTS[fault]
     monkeypatch.setattr(target, fake)
+    monkeypatch.setattr(shutil, 'disk_usage', shutil.disk_usage)  # put back after a fault that fakes it
     with pytest.raises(SystemExit) as e:
         run(data_dir, out, '--max_iters=8', '--init_from=resume')
     monkeypatch.undo()
