@@ -61,11 +61,10 @@ EXERCISES = [
 # reference loops would give the answers away), data or runs
 COPY = ['*.py', 'README.md', 'docs/*.md', 'requirements.txt', 'configs/*.py', 'exercises/*.md',
         'exercises/*_test.py']
-# The fast GPU paths (fast/, and fastroute.py and fastddl.py where a checkout has them at the top)
-# re-implement the routing and the delta rule that exercises 1, 2, 4, 5 and 6 ask for, so a copy
-# that cuts code out leaves them out, and every device runs the student's plain code.
-# Exercise 7 cuts nothing: its copy keeps them.
-FAST = ['fast/**/*.py', 'fastroute.py', 'fastddl.py']
+# The fast GPU paths (fast/) re-implement the routing and the delta rule that exercises 1, 2, 4, 5
+# and 6 ask for, so a copy that cuts code out leaves them out, and every device runs the student's
+# plain code (train.py and bench.py run without them). Exercise 7 cuts nothing: its copy keeps them.
+FAST = ['fast/**/*.py']
 MIN_LEAK_CHARS = 8  # shorter lines ('return', 'else:') say nothing about a solution
 CHECK_TIMEOUT = 600  # seconds; a student's endless loop must not hang a grading script
 
