@@ -638,3 +638,17 @@ def test_train_then_sample(tmp_path, data_dir):
                        env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip()
+
+
+def test_a_checkpoint_of_the_older_layout_loads_and_resumes(tmp_path, data_dir):
+    """Checkpoints written while route_impl was a field of GPTConfig keep it in model_args: they still load
+    into a model (sample.py, compare.py) and resume, with route_impl read as a training option again."""
+    out = tmp_path / 'out'
+    run(data_dir, out, '--max_iters=4', '--residual=delta')
+    ckpt = checkpoint.load_checkpoint(str(out))
+    ckpt['model_args']['route_impl'] = 'plain'
+    checkpoint.save_checkpoint(ckpt, str(out / 'ckpt.pt'))
+    model, _ = checkpoint.load_model(str(out / 'ckpt.pt'), 'cpu')
+    assert model.config.residual == 'delta' and not hasattr(model.config, 'route_impl')
+    run(data_dir, out, '--max_iters=8', '--init_from=resume')
+    assert load(out)['step'] == 8
