@@ -251,7 +251,8 @@ def build_model(cfg, ckpt, src, loader, env):
     if src:  # a conversion goes on with the tokens its source has not seen; GPT-2 from the first
         if src['data']:
             loader.load_state(src['data'])
-        data = f'shard {loader.shard}, token {loader.pos:,}' if src['data'] else 'the first shard'
+        data = (f'shard {loader.shard}, token {loader.pos:,}' if src['data']
+                else 'the start of the train shards')
         env.say(f'init_from={cfg.init_from}: {src["found"]}; backbone loaded; at init: '
                 f'{", ".join(left) or "nothing"}; train data from {data}')
     model.to(env.device)
