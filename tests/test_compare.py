@@ -34,7 +34,8 @@ def test_compare_trains_reports_and_resumes(tmp_path, monkeypatch):
     write_data(tmp_path / 'data')
     out = tmp_path / 'cmp'
     args = [f'--out_dir={out}', f'--data_dir={tmp_path / "data"}', '--runs=standard,delta_block',
-            '--extra_seeds=standard', '--routing_tokens=2'] + TINY
+            '--extra_seeds=standard', '--routing_tokens=2', '--ablate=True', '--ablate_tokens=64',
+            f'--extra_val={tmp_path / "data" / "tiny_val_000000.bin"}'] + TINY
     compare.main(args)
     runs = sorted(os.listdir(out))
     assert {'standard_s1337', 'standard_s1338', 'delta_block_s1337'} <= set(runs)
@@ -49,6 +50,14 @@ def test_compare_trains_reports_and_resumes(tmp_path, monkeypatch):
     assert w.shape == (5, 2) and np.allclose(w.sum(1), 1, atol=1e-5)
     assert result['routing']['delta_block']['sources'] == ['emb', 'partial']
     assert 'standard' not in result['routing']  # no routing to show
+    # the ablation: every read sees e and the partial block, so both can be removed from it
+    imp = result['importance']['delta_block_s1337']
+    assert np.array(imp['drop']).shape == (5, 2) and np.isfinite(np.array(imp['drop'])).all()
+    assert len(imp['term']) == 5 and list(result['importance']) == ['delta_block_s1337']
+    assert '| delta_block_s1337 | 5 |' in (out / 'results.md').read_text()  # weights against importance
+    if find_spec('matplotlib'):
+        assert (out / 'importance_delta_block_s1337.png').exists()
+    assert all(r['val']['tiny_val_000000.bin'] > 0 for r in result['rows'])  # --extra_val, per run
     mtimes = {r: os.path.getmtime(out / r / 'ckpt.pt') for r in runs if (out / r / 'ckpt.pt').exists()}
     compare.main(args)  # every run has finished: nothing is trained again
     assert mtimes == {r: os.path.getmtime(out / r / 'ckpt.pt') for r in mtimes}

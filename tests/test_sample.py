@@ -5,13 +5,15 @@ import dataclasses
 import math
 import re
 import sys
+from importlib.util import find_spec
 
+import numpy as np
 import pytest
 import torch
 
 import routing
-
 from model import GPT, GPTConfig
+from prepare import write_shard
 from sample import SHADES, decode, format_heatmap, main
 
 
@@ -192,3 +194,23 @@ def test_bad_values(tmp_path, capsys, arg, words):
         run(capsys, tmp_path, '--num_samples=0', arg)
     assert isinstance(e.value.code, str) and e.value.code.startswith('error: ') and '\n' not in e.value.code
     assert all(w in e.value.code for w in words), e.value.code
+
+
+@needs_bpe
+def test_ablate_prints_the_importance_of_each_source_and_saves_it(tmp_path, capsys):
+    """--ablate=SHARD: the rise in loss when each source is removed from each read, printed beside the
+    weights, and both side by side in the PNG."""
+    write_ckpt(tmp_path, 'delta', res_block=2)  # 4 sublayers: reads of sublayers 1-3 (e, blk1, partial)
+    rng = np.random.default_rng(0)
+    write_shard(str(tmp_path / 'v_val_000000.bin'), rng.integers(0, 50257, 200))
+    png = tmp_path / 'imp.png'
+    args = ['--num_samples=0', f'--ablate={tmp_path / "v_val_000000.bin"}', '--ablate_tokens=96']
+    out = run(capsys, tmp_path, *args, *([f'--routing_png={png}'] if find_spec('matplotlib') else []))
+    table = out.split('when a source is removed from a read (term: the whole routed term)\n', 1)[1]
+    header, *rows = table.splitlines()[:4]
+    assert header.split() == ['emb', 'blk1', 'partial', 'term']
+    assert [r.split()[0] for r in rows] == ['L0.mlp', 'L1.attn', 'L1.mlp']
+    assert rows[0].split()[2] == '.'  # block 1 is not finished before sublayer 2: not visible to L0.mlp
+    assert 'importance on 96 tokens of' in out
+    if find_spec('matplotlib'):
+        assert png.exists() and png.stat().st_size > 0
