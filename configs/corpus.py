@@ -2,11 +2,13 @@
 The variant comparison at a real budget: configs/compare.py's 12 x 512 backbone, 100M tokens of the corpus
 (92% Wikipedia, not FineWeb; docs/experiments.md says what it is and how to get it), in 1,526 steps.
 
-  python compare.py --extra_configs=configs/corpus.py --data_dir=data/corpus --extra_seeds=standard,... \
-      --extra_val=data/fineweb_val/fineweb_val_000000.bin --ablate=True --gpus=0,1,2,3
+  python compare.py --extra_configs=configs/corpus.py --data_dir=data/corpus \
+      --extra_seeds=standard,delta,delta_block --extra_val=data/fineweb_val/fineweb_val_000000.bin \
+      --ablate=True --ablate_tokens=65536 --gpus=0,1,2,3
 
-Steps matter as much as tokens at this size: 100M tokens in 381 steps of 262,144 tokens ended at val loss 5.8,
-while 1,526 steps of 65,536 tokens reach about 4.5, with two seeds of standard 0.003 apart.
+Steps matter as much as tokens at this size: an earlier pilot of 100M tokens in 381 steps of 262,144 tokens
+ended at val loss 5.8, while these 1,526 steps of 65,536 tokens reach 4.46-4.50 for standard (two seeds,
+0.046 apart; docs/experiments.md).
 """
 data_dir = 'data/corpus'
 # 2**16 = 65,536 tokens per step = 32 sequences x 1,024 tokens x 2 grad-accumulation steps on one GPU
