@@ -153,7 +153,7 @@ def test_a_device_this_machine_lacks_is_one_line(tmp_path, data_dir):
     for device, words in (('cuda', 'no CUDA GPU'), ('tpu', "expected 'auto', 'cpu'")):
         with pytest.raises(SystemExit) as e:
             run(data_dir, tmp_path / 'out', f'--device={device}', '--max_iters=4')
-        assert e.value.code.startswith(f'error: device=') and words in e.value.code, e.value.code
+        assert e.value.code.startswith('error: device=') and words in e.value.code, e.value.code
 
 
 def test_main_exits_nonzero_on_bad_input(tmp_path, data_dir):
