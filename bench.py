@@ -91,8 +91,7 @@ def bench_variant(name, cfg, device):
     # random tokens: the speed of a step does not depend on the data, and no dataset is needed
     x = torch.randint(0, mcfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, mcfg.vocab_size, (B, T), device=device)
-    autocast = torch.autocast(device.type, dtype=getattr(torch, cfg['dtype']),
-                              enabled=cfg['dtype'] != 'float32')
+    autocast = cli.autocast(device, cfg['dtype'])
 
     def step():
         with autocast:
@@ -144,7 +143,7 @@ def bench_routing(cfg, device):
     cli.fast_paths(model, cfg['route_impl'])
     stream = model.stream
     dtype = getattr(torch, cfg['dtype'])
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=cfg['dtype'] != 'float32')
+    autocast = cli.autocast(device, cfg['dtype'])
     e = torch.randn(B, T, d, device=device, requires_grad=True)
     outs = [torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True)
             for _ in range(2 * L)]

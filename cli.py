@@ -217,11 +217,20 @@ def pick_dtype(dtype, device):
     return 'float32', f'auto: {kind}'
 
 
+def autocast(device, dtype):
+    """The context that runs the matmuls in dtype (bfloat16, float16) on device while weights stay
+    fp32; float32 needs none."""
+    import torch
+    from contextlib import nullcontext
+    if dtype == 'float32':
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
+
+
 def runtime(device, dtype, seed, ddp):
     """Processes, device and precision of a training run. Under torchrun: one process per GPU
     (NCCL), or CPU processes (gloo). Rank 0 prints, logs and saves."""
     import os
-    from contextlib import nullcontext
     from types import SimpleNamespace
 
     import torch
@@ -242,11 +251,10 @@ def runtime(device, dtype, seed, ddp):
     if kind == 'cuda':  # TF32 for the fp32 matmuls that remain: ~3x fp32 speed on Ampere and newer
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed + rank)  # dropout differs per rank; DDP copies rank 0's initial weights
-    # autocast runs the matmuls in bf16/fp16 while weights and optimizer state stay fp32. fp16 also
-    # needs a loss scaler against gradient underflow; disabled, the scaler does nothing
-    ctx = nullcontext() if dtype == 'float32' else torch.autocast(kind, dtype=getattr(torch, dtype))
+    # weights and optimizer state stay fp32 under autocast. fp16 also needs a loss scaler against
+    # gradient underflow; disabled, the scaler does nothing
     return SimpleNamespace(rank=rank, local_rank=local_rank, world=world, device=device, kind=kind,
-                           dtype=dtype, why=why, master=rank == 0, ctx=ctx,
+                           dtype=dtype, why=why, master=rank == 0, ctx=autocast(device, dtype),
                            say=tqdm.write if rank == 0 else lambda *a: None,
                            scaler=torch.amp.GradScaler('cuda', enabled=(dtype == 'float16')))
 

@@ -182,12 +182,10 @@ def finished(d):
             and steps[-1].get('val_loss') is not None)
 
 
-def val_batches(path, n_tokens, T, B, device):
-    """The first n_tokens of a val shard (whole sequences of T) as [(x, y)] batches of B sequences
+def val_batches(val, n_tokens, T, B, device):
+    """The first n_tokens of val tokens (whole sequences of T) as [(x, y)] batches of B sequences
     on device."""
-    val = load_shard(path)
-    n = min(n_tokens, len(val) - 1) // T
-    return [train.to_batch(val[i * T: min(i + B, n) * T + 1], T, device) for i in range(0, n, B)]
+    return list(train.batches(val, 0, min(n_tokens, len(val) - 1) // T, B, T, device))
 
 
 def analyse(cfg, d, run_cfg, device):
@@ -202,15 +200,17 @@ def analyse(cfg, d, run_cfg, device):
         return {}  # the logs alone: nothing more to say about this run
     model, _ = checkpoint.load_model(os.path.join(d, 'ckpt.pt'), device)
     T, B = run_cfg['block_size'], run_cfg['batch_size']
-    ctx = (torch.autocast('cuda', torch.bfloat16) if device == 'cuda'
-           else torch.autocast('cpu', enabled=False))
-    own = list_shards(run_cfg['data_dir'], 'val')[0]
+    # the run's own val set first, then the others; each loaded once, its token ids checked
+    files = [list_shards(run_cfg['data_dir'], 'val')[0]] + [f for f in cfg['extra_val'].split(',')
+                                                          if f]
+    vals = [load_shard(f, model.config.vocab_size) for f in files]
     out = dict(val={}, params=model.get_num_params(non_embedding=False))
-    with ctx:
-        for f in [own] + [f for f in cfg['extra_val'].split(',') if f]:
+    with cli.autocast(device, cli.pick_dtype('auto', device)[0]):  # as train.py chooses it
+        for f, val in zip(files, vals):
             out['val'][os.path.basename(f)] = routing.mean_loss(
-                model, val_batches(f, run_cfg['val_tokens'], T, B, device))
-        first = val_batches(own, cfg['routing_tokens'] * T, T, cfg['routing_tokens'], device)[0][0]
+                model, val_batches(val, run_cfg['val_tokens'], T, B, device))
+        first = val_batches(vals[0], cfg['routing_tokens'] * T, T, cfg['routing_tokens'],
+                            device)[0][0]
         w = routing.weights(model, first)
         if w is not None:
             mx, ent = routing.stats(w)
@@ -219,7 +219,7 @@ def analyse(cfg, d, run_cfg, device):
                                   entropy=ent.tolist(), dests=dests, sources=srcs)
             if cfg['ablate']:
                 imp = routing.importance(
-                    model, val_batches(own, cfg['ablate_tokens'], T, B, device))
+                    model, val_batches(vals[0], cfg['ablate_tokens'], T, B, device))
                 out['importance'] = dict(loss=imp['loss'], drop=imp['drop'].tolist(),
                                          term=None if imp['term'] is None else imp['term'].tolist())
     with open(path, 'w') as f:

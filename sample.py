@@ -28,11 +28,11 @@ import torch
 import cli
 import gpt2_weights
 import routing
+import train
 from checkpoint import load_model
 from cli import ConfigError
 from model import GPT, GPTConfig
 from prepare import ShardError, load_shard
-from train import to_batch
 
 DEFAULTS = dict(
     out_dir='out',        # the run to sample from: <out_dir>/ckpt.pt as written by train.py
@@ -210,8 +210,7 @@ def main(argv=None):
     x = torch.tensor(ids, dtype=torch.long, device=c.device)[None, ...]  # (1, T)
 
     torch.manual_seed(c.seed)  # seeds the CPU and every GPU
-    ctx = torch.autocast(torch.device(c.device).type, dtype=getattr(torch, c.dtype),
-                         enabled=c.dtype != 'float32')
+    ctx = cli.autocast(c.device, c.dtype)
     with torch.no_grad(), ctx:
         for _ in range(c.num_samples):
             y = model.generate(x, c.max_new_tokens, temperature=c.temperature,
@@ -259,7 +258,7 @@ def ablate(model, c, ctx):
     if n == 0:
         raise SystemExit(f'error: --ablate: {c.ablate} has {len(val):,} tokens, fewer than '
                          f'block_size + 1 = {T + 1}')
-    batches = [to_batch(val[i * T: min(i + 8, n) * T + 1], T, c.device) for i in range(0, n, 8)]
+    batches = list(train.batches(val, 0, n, 8, T, c.device))
     with ctx:
         imp = routing.importance(model, batches)
     rows, cols = routing.labels(model)

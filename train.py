@@ -165,6 +165,12 @@ def to_batch(window, T, device):
                 y.pin_memory().to(device, non_blocking=True))
     return x.to(device), y.to(device)
 
+def batches(tokens, lo, hi, B, T, device):
+    """Sequences lo..hi-1 of T tokens of a token array as (x, y) batches of B sequences (the last
+    may be shorter): the val set of evaluate, compare.py and sample.py --ablate."""
+    for s in range(lo, hi, B):
+        yield to_batch(tokens[s * T: min(s + B, hi) * T + 1], T, device)
+
 # -----------------------------------------------------------------------------
 # learning rate and evaluation
 
@@ -196,8 +202,7 @@ def evaluate(model, val, n_seq, cfg, env):
         hi = min(hi, lo + cfg.eval_iters * B)
     totals = torch.zeros(2, dtype=torch.float64)  # (sum of per-token losses, number of tokens)
     model.eval()
-    for s in range(lo, hi, B):
-        x, y = to_batch(val[s * T: min(s + B, hi) * T + 1], T, env.device)  # the last may be short
+    for x, y in batches(val, lo, hi, B, T, env.device):
         with env.ctx:
             _, loss = model(x, y)
         totals += torch.tensor([loss.item() * y.numel(), y.numel()])  # loss: a mean over y's tokens
