@@ -14,6 +14,8 @@ applied as train.py applies them. The routing micro-benchmark runs the routing o
 `route_variant` stream alone (the sublayers replaced by fixed random outputs), forward and backward,
 and reports the bandwidth it achieves counting only the bytes that must move: each (source, read)
 pair's source read once forward, and each read's output gradient read once per source backward.
+On CUDA the bandwidth is over the GPU time of its kernels (the profiler's sum): run alone, the op's
+wall time can be the CPU launching it, which in a training step overlaps the matmuls.
 """
 
 import json
@@ -173,6 +175,14 @@ def bench_routing(cfg, device):
         step()
     sync(device)
     dt = (time.time() - t0) / cfg['route_steps']
+    gpu_ms = None
+    if device.type == 'cuda':  # the kernels' own time: alone, the op can wait on the CPU's launches
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(cfg['route_steps']):
+                step()
+            sync(device)
+        gpu_ms = (sum(e.self_device_time_total for e in prof.key_averages()) / 1000
+                  / cfg['route_steps'])
     pairs = sum(_num_sources(r + int(stream.additive), stream.S) for r in range(stream.n_reads))
     nbytes = 2 * pairs * B * T * d * dtype.itemsize
     # the ceiling to compare with: a large device-to-device copy (bytes read + bytes written)
@@ -186,7 +196,8 @@ def bench_routing(cfg, device):
     sync(device)
     copy_bw = 2 * x.numel() * 20 / (time.time() - t0)
     return dict(variant=cfg['route_variant'], impl='fused' if fused else 'plain', pairs=pairs,
-                tokens=B * T, d=d, ms=1000 * dt, bytes=nbytes, gb_per_s=nbytes / dt / 1e9,
+                tokens=B * T, d=d, ms=1000 * dt, gpu_ms=gpu_ms, bytes=nbytes,
+                gb_per_s=nbytes / (gpu_ms / 1000 if gpu_ms else dt) / 1e9,
                 copy_gb_per_s=copy_bw / 1e9)
 
 
@@ -228,7 +239,9 @@ def main(argv=None):
         rt = result['routing'] = bench_routing(cfg, device)
         print(f'\nrouting of a whole {rt["variant"]} stream ({rt["impl"]}), '
               f'{rt["pairs"]} (source, read) pairs x {rt["tokens"]} tokens x {rt["d"]} wide, '
-              f'fwd+bwd: {rt["ms"]:.3f} ms, {rt["gb_per_s"]:.0f} GB/s of bytes that must move'
+              f'fwd+bwd: {rt["ms"]:.3f} ms'
+              + ('' if rt['gpu_ms'] is None else f' ({rt["gpu_ms"]:.3f} ms of GPU kernels)')
+              + f', {rt["gb_per_s"]:.0f} GB/s of bytes that must move'
               f' ({100 * rt["gb_per_s"] / rt["copy_gb_per_s"]:.0f}% of a copy\'s '
               f'{rt["copy_gb_per_s"]:.0f} GB/s)')
     with open(cfg['json'], 'w') as f:

@@ -66,21 +66,21 @@ class FusedRouted(Routed):
                 self.ranges.append((r0, R if (s + 1) % S == 0 else r0 + 1))
         self.visible = [[i for i, (r0, r1) in enumerate(self.ranges) if r0 <= r < r1]
                         for r in range(R)]
-        n = max(map(len, self.visible)) + 1
-        # (R, n) slot table for the kernels, padded with slot 0 (a valid address, never used); moved
-        # to the device with the model, once, rather than every step
-        self.register_buffer('table', torch.tensor([v + [0] * (n - len(v)) for v in self.visible],
+        # the slot read r registers (i >= 1 first read by r) is made in registers, not loaded: the
+        # kernels get the others, as an (R, n) table padded with slot 0 (a valid address, never
+        # used); moved to the device with the model, once, rather than every step
+        others = [[i for i in v if i == 0 or self.ranges[i][0] != r]
+                  for r, v in enumerate(self.visible)]
+        n = max(map(len, others)) + 1
+        self.register_buffer('table', torch.tensor([v + [0] * (n - len(v)) for v in others],
                                                    dtype=torch.int32), persistent=False)
         # the ops find this stream's plan and its latest Router by this key (ints pass through
         # the compiler)
-        self.key = OPS.register(self, Plan(self.ranges, self.visible, R))
+        self.key = OPS.register(self, Plan(self.ranges, self.visible, others, R, S))
 
     def fused(self, e):
-        # 'auto': on CUDA for the per-sublayer forms only. Measured on an H100 at GPT-2 124M, the
-        # fused path is as fast or faster there and compiles in a fifth of the time; in block
-        # form (<= 5 sources a read) torch.compile's own fusion of the plain path is faster
-        # (docs/performance.md)
-        auto = e.is_cuda and self.S == 1
+        # 'auto': on CUDA, every form (docs/performance.md has the measurements)
+        auto = e.is_cuda
         return self.probe is None and (self.impl == 'fused' or (self.impl == 'auto' and auto))
 
     def start(self, e):
@@ -90,8 +90,8 @@ class FusedRouted(Routed):
         dev = e.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else e.dtype
         W = self.query * self.key_gain
-        # 'new': the source the last write made (slot, tensor), registered by the next read
-        return {'x': e, 'W': W, 'partial': None, 'dtype': dtype, 'new': None,
+        # 'new': the last write's output (slot, tensor), added to its block by the next read
+        return {'x': e, 'W': W, 'dtype': dtype, 'new': None,
                 'token': torch.ops.fastroute.start(e, W, self.key, dtype)}
 
     def read(self, st, s):
@@ -116,11 +116,10 @@ class FusedRouted(Routed):
             return super().write(st, s, out, h, c)
         if self.additive:
             st['x'] = st['x'] + out
-        st['partial'] = out if st['partial'] is None else wide(st['partial']) + out  # as Routed
-        if s + 1 < len(self.ranges):  # a source for the reads to come, registered by the next one
-            st['new'] = (s + 1, st['partial'])
-        if (s + 1) % self.S == 0:
-            st['partial'] = None
+        # the block's running sum lives in the Router: the next read adds out to it (as Routed's
+        # partial, in fp32) and registers the sum as slot s + 1, if anyone reads it
+        if s + 1 < len(self.ranges):
+            st['new'] = (s + 1, out)
 
     def final(self, st):
         if 'token' not in st or self.additive:
@@ -132,8 +131,15 @@ class Plan:
     """A stream's slots and reads, and the Router of its latest forward pass (one forward at a time:
     the backward of a step must run before the next step's forward, as in training)."""
 
-    def __init__(self, ranges, visible, n_reads):
-        self.ranges, self.visible, self.n_reads, self.router = ranges, visible, n_reads, None
+    def __init__(self, ranges, visible, others, n_reads, S):
+        self.ranges, self.visible, self.others, self.n_reads = ranges, visible, others, n_reads
+        n = len(ranges)
+        # slot j >= 1 is p_{j-1}, the running sum of its block after sublayer j - 1's write:
+        # cont, p = P + out (sublayer j - 1 continues a block) or p = out (it starts one);
+        # keep, P = p is kept for the next slot, which continues the same block
+        self.cont = [False] + [(j - 1) % S != 0 for j in range(1, n)]
+        self.keep = [j + 1 < n and self.cont[j + 1] for j in range(n)]
+        self.router = None
 
 
 class Router:
@@ -147,8 +153,12 @@ class Router:
         self.Lg = e.new_empty((n, R, M), dtype=acc)      # its logit against read r, where r sees it
         # per read
         self.mmax, self.ssum, self.c = (e.new_empty((R, M), dtype=acc) for _ in range(3))
-        self.G = None   # (R, M, d) read-output gradients, allocated by the first read backward
-        self.dW = None  # (R, d) the queries' gradient, summed over the sources' backward
+        # the current block's running sum in fp32 (forward), then its gradient (backward)
+        self.P = e.new_empty((M, d), dtype=acc) if any(plan.keep) else None
+        # backward: (R, M, d) read-output gradients, and each source's logit gradients over its
+        # rms (n, R, M), allocated by the first read backward; then the queries' gradient (R, d)
+        self.G = self.Dl = self.dW = None
+        self.grid, self.BD = (-(-M // BM),), 1 << (d - 1).bit_length()  # programs; d to a power of 2
         self.plan = plan
 
 # --------------------------------------------------------------------------------------------------
@@ -232,13 +242,12 @@ def start_backward_op(g_token, W, key, shape, e_dtype):
 
 @impl('read')
 def read_op(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
-    """Registers the source v (the last write's, if any) in `slot`, then routed read r: h = mix
-    (AttnRes) or base + gamma * mix (Delta), and (Delta) the mix in the storage dtype, for the
-    backward."""
+    """Adds v (the last write's output, if any) to its block's running sum, registers the sum in
+    `slot`, then routed read r: h = mix (AttnRes) or base + gamma * mix (Delta), and (Delta) the mix
+    in the storage dtype, for the backward."""
     ro = PLANS[key].router
-    if v is not None:
-        add_source(ro, v.reshape(-1, v.size(-1)), W, slot, *ro.plan.ranges[slot])
-    h, mix = read_mix(ro, r, slots, base, gamma)
+    h, mix = read_mix(ro, r, slots, None if v is None else v.reshape(-1, v.size(-1)), W, slot,
+                      base, gamma)
     return (h.view(shape), (mix if mix is not None else h.new_empty(0, dtype=dtype)),
             token.new_empty(()))
 
@@ -246,27 +255,27 @@ def read_op(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
 @impl('read_backward')
 def read_backward_op(g_token, g_h, mix, gamma, W, key, slot, r, shape, v_dtype):
     """Leaves g_r = gamma dL/dh and c_r = g_r . mix in the Router, then (if the read registered a
-    source) that source's whole gradient: every read that saw it has run its backward by now.
-    Returns dL/dh . mix per token (for the gate's gradient) and the source's gradient."""
+    source) that source's whole gradient: every read that saw it has run its backward by now. The
+    block's running sum passes it on: dL/dout of the write that made the source is the gradient of
+    the sum, this source's own plus what the block's later sums pass down. Returns dL/dh . mix per
+    token (for the gate's gradient) and dL/dout."""
     ro = PLANS[key].router
     if ro.G is None:  # the last read's backward comes first
         ro.G = ro.V.new_empty((ro.plan.n_reads,) + ro.V.shape[1:])
+        ro.Dl = torch.zeros_like(ro.Lg)
     d = g_h.size(-1)
-    ch = read_grad(ro, r, g_h.reshape(-1, d), mix.reshape(-1, d), gamma)
-    dv = (g_h.new_empty(0, dtype=v_dtype) if slot < 0
-          else source_backward(ro, W, slot).view(shape).to(v_dtype))
+    ch, dv = read_grad(ro, W, r, slot, g_h.reshape(-1, d), mix.reshape(-1, d), gamma, v_dtype)
+    dv = g_h.new_empty(0, dtype=v_dtype) if dv is None else dv.view(shape)
     return ch, dv, g_token.new_empty(())
 
 
 def source_backward(ro, W, slot):
-    """A source's gradient (M, d); its share of the queries' gradient goes into the Router's sum."""
-    r0, r1 = ro.plan.ranges[slot]
-    v = ro.V[slot]
-    dv, dlr = source_grad(ro, W, slot, r0, r1)  # dlr: (r1 - r0, M) logit gradients over rms(v)
-    if ro.dW is None:
-        ro.dW = torch.zeros_like(W)
-    # dL/dW_r = sum over tokens of dl_r * v / rms(v): the logit is (W_r . v) / rms(v)
-    ro.dW[r0:r1] += dlr.to(v.dtype) @ v
+    """The embedding's gradient (M, d); then, the last of the chain, the queries' whole gradient
+    from every source's logit gradients (over rms(v), left in Dl): the logit is (W_r . v) / rms(v),
+    so dL/dW_r = sum over sources i and tokens of Dl[i, r] * v_i. One batched matmul, (n, R, M) @
+    (n, M, d), zeros where a source is not read, in the storage dtype as the sources are."""
+    dv = source_grad(ro, W, slot, *ro.plan.ranges[slot])
+    ro.dW = (ro.Dl.to(ro.V.dtype) @ ro.V).to(W.dtype).sum(0)
     return dv
 
 
@@ -328,7 +337,7 @@ OPS.autograd('start', _start_backward, _start_setup)
 OPS.autograd('read', _read_backward, _read_setup)
 
 # --------------------------------------------------------------------------------------------------
-# The three computations, each in torch (the definition) and in Triton (one pass over memory)
+# The computations, each in torch (the definition) and in Triton (one pass over memory)
 
 def use_triton(t):
     return triton is not None and (t.is_cuda or os.environ.get('TRITON_INTERPRET') == '1')
@@ -339,64 +348,98 @@ def add_source(ro, v, W, slot, r0, r1):
     M, d = v.shape
     if use_triton(v):
         v = v.contiguous()
-        _add_source_kernel[(triton.cdiv(M, BM),)](
-            v, W, ro.V[slot], ro.Lg[slot], r0, r1, M, d, EPS,
-            BM=BM, BD=triton.next_power_of_2(d), num_warps=WARPS)
+        _add_source_kernel[ro.grid](v, W, ro.V[slot], ro.Lg[slot], r0, r1, M, d, EPS, BM=BM,
+                                    BD=ro.BD, num_warps=WARPS)
     else:
         ro.V[slot] = v
         ro.Lg[slot, r0:r1] = source_logits(v, W[r0:r1], EPS).t()
 
 
-def read_mix(ro, r, table, base, gamma):
-    """The mixture of the sources read r sees; its softmax max and sum are kept for the backward.
-    Returns h (M, d) and, for Delta, the mix in the storage dtype (AttnRes: None, h is the mix)."""
-    slots = ro.plan.visible[r]
+def read_mix(ro, r, table, v, W, slot, base, gamma):
+    """Read r. First, if the last write's output v (M, d) is given, it is added to its block's
+    running sum p (fp32, as Routed's partial), which becomes source `slot`, with its logits against
+    the reads that will see it. Then the mixture of every source read r sees; its softmax max and
+    sum are kept for the backward. Returns h (M, d) and, for Delta, the mix in the storage dtype
+    (AttnRes: None, h is the mix)."""
+    plan = ro.plan
     M, d = ro.V.shape[1:]
     acc = ro.Lg.dtype
+    new = slot >= 0
     h = ro.V.new_empty((M, d), dtype=acc)
     mix = None if base is None else ro.V.new_empty((M, d))
     if use_triton(h):
         dummy = h  # unused pointer arguments
-        _read_kernel[(triton.cdiv(M, BM),)](
-            ro.V, ro.Lg, table, len(slots), r, dummy if base is None else base.contiguous(),
-            dummy if gamma is None else gamma, h, dummy if mix is None else mix, ro.mmax[r],
-            ro.ssum[r], M, d, ro.Lg.size(1),
-            HAS_BASE=base is not None, HAS_GAMMA=gamma is not None, BM=BM,
-            BD=triton.next_power_of_2(d), num_warps=WARPS)
-    else:
-        lg = ro.Lg[slots, r]                                       # (n, M)
-        ro.mmax[r] = lg.max(0).values
-        w = (lg - ro.mmax[r]).exp()
-        ro.ssum[r] = w.sum(0)
-        # einsum would otherwise run in the autocast dtype
-        with torch.autocast(h.device.type, enabled=False):
-            # (n, M) weights against (n, M, d) sources -> (M, d)
-            h = torch.einsum('nm,nmd->md', w / ro.ssum[r], ro.V[slots].to(acc))
-        if base is not None:
-            mix[:] = h
-            h = base.reshape(M, d) + (h if gamma is None else gamma * h)
+        _read_kernel[ro.grid](
+            ro.V, ro.Lg, table, len(plan.others[r]), r, dummy if v is None else v.contiguous(),
+            dummy if ro.P is None else ro.P, W, ro.V[max(slot, 0)], ro.Lg[max(slot, 0)],
+            plan.ranges[slot][1] if new else r, dummy if base is None else base.contiguous(),
+            dummy if gamma is None else gamma, h, dummy if mix is None else mix, ro.mmax,
+            ro.ssum, M, d, ro.Lg.size(1), EPS, NEW=new, CONT=new and plan.cont[slot],
+            KEEP=new and plan.keep[slot], HAS_BASE=base is not None,
+            HAS_GAMMA=gamma is not None, BM=BM, BD=ro.BD, num_warps=WARPS)
+        return h, mix
+    if new:
+        p = wide(v) + ro.P if plan.cont[slot] else wide(v)        # (M, d)
+        if plan.keep[slot]:
+            ro.P.copy_(p)
+        ro.V[slot] = p
+        r0, r1 = plan.ranges[slot]
+        ro.Lg[slot, r0:r1] = source_logits(p, W[r0:r1], EPS).t()
+    slots = plan.visible[r]
+    lg = ro.Lg[slots, r]                                           # (n, M)
+    ro.mmax[r] = lg.max(0).values
+    w = (lg - ro.mmax[r]).exp()
+    ro.ssum[r] = w.sum(0)
+    # the new source in fp32, the others as stored: (n, M, d)
+    srcs = torch.stack([p if i == slot else ro.V[i].to(acc) for i in slots])
+    with torch.autocast(h.device.type, enabled=False):  # einsum would run in the autocast dtype
+        h = torch.einsum('nm,nmd->md', w / ro.ssum[r], srcs)      # (n, M) weights -> (M, d)
+    if base is not None:
+        mix[:] = h
+        h = base.reshape(M, d) + (h if gamma is None else gamma * h)
     return h, mix
 
 
-def read_grad(ro, r, gh, mix, gamma):
-    """G[r] = gamma * dL/dh, c[r] = G[r] . mix; returns dL/dh . mix per token (M,)."""
+def read_grad(ro, W, r, slot, gh, mix, gamma, v_dtype):
+    """Read r's backward. G[r] = gamma dL/dh and c[r] = G[r] . mix are left for the sources' own
+    backward; then, if read r registered source `slot`, every read that saw it has left its G and
+    c, and the source's gradient follows (source_grad). The block's running sum passes it down:
+    with p_s = p_{s-1} + out_s, dL/dout_s = dL/dp_s, and dL/dp_{s-1} adds it to its own (P holds
+    it between the two). Returns dL/dh . mix per token (M,) and dL/dout (M, d) or None."""
+    plan = ro.plan
     M, d = gh.shape
-    ch = gh.new_empty(M, dtype=ro.c.dtype)
+    acc = ro.c.dtype
+    new = slot >= 0
+    ch = gh.new_empty(M, dtype=acc)
     if use_triton(gh):
-        _read_grad_kernel[(triton.cdiv(M, BM),)](
-            gh.contiguous(), mix, gamma if gamma is not None else ch, ro.G[r], ro.c[r], ch, M, d,
-            HAS_GAMMA=gamma is not None, BM=BM, BD=triton.next_power_of_2(d), num_warps=WARPS)
+        r1 = plan.ranges[slot][1] if new else r + 1
+        dv = ro.V.new_empty((M, d), dtype=v_dtype) if new else None
+        dummy = ch  # unused pointer arguments
+        _read_grad_kernel[ro.grid](
+            gh.contiguous(), mix, dummy if gamma is None else gamma, ro.G, ro.c, ch,
+            ro.V[max(slot, 0)], ro.Lg[max(slot, 0)], ro.mmax, ro.ssum, W,
+            dummy if ro.P is None else ro.P, dummy if dv is None else dv, ro.Dl, max(slot, 0), r,
+            r1, M, d, ro.Lg.size(1), EPS,
+            NEW=new, ADD_DP=new and plan.keep[slot], STORE_DP=new and plan.cont[slot],
+            HAS_GAMMA=gamma is not None, BM=BM, BD=ro.BD, num_warps=WARPS)
     else:
-        g = gh if gamma is None else gamma * gh
-        ro.G[r] = g
+        ro.G[r] = gh if gamma is None else gamma * gh
         ch[:] = (wide(gh) * wide(mix)).sum(-1)
         ro.c[r] = ch if gamma is None else gamma * ch
-    return ch
+        if not new:
+            return ch, None
+        dv = source_grad(ro, W, slot, *plan.ranges[slot])
+        if plan.keep[slot]:  # what the block's later sums pass down (P holds it now)
+            dv = dv + ro.P
+        if plan.cont[slot]:
+            ro.P.copy_(dv)
+        dv = dv.to(v_dtype)
+    return ch, dv
 
 
 def source_grad(ro, W, i, r0, r1):
-    """dL/dv_i (M, d) from the reads r0 <= r < r1 that saw source i, and the logit gradients over
-    rms(v_i) (r1 - r0, M) for the queries' gradient. With a_r = softmax weight, l_r = logit,
+    """dL/dv_i (M, d) from the reads r0 <= r < r1 that saw source i; the logit gradients over
+    rms(v_i) go to Dl[i, r0:r1], for the queries' gradient. With a_r = softmax weight, l_r = logit,
     g_r = read gradient:
         dl_r = a_r (g_r . v - c_r)
         dv = sum_r a_r g_r + (sum_r dl_r W_r) / rms(v) - (sum_r dl_r l_r) v / (d rms(v)^2)
@@ -405,11 +448,10 @@ def source_grad(ro, W, i, r0, r1):
     acc = ro.Lg.dtype
     if use_triton(ro.V):
         dv = ro.V.new_empty((M, d), dtype=acc)
-        dlr = ro.V.new_empty((r1 - r0, M), dtype=acc)
-        _source_grad_kernel[(triton.cdiv(M, BM),)](
-            ro.V[i], ro.G[r0], ro.Lg[i], ro.mmax, ro.ssum, ro.c, W, r0, r1, dv, dlr, M, d, EPS,
-            BM=BM, BD=triton.next_power_of_2(d), num_warps=WARPS)
-        return dv, dlr
+        _source_grad_kernel[ro.grid](
+            ro.V[i], ro.G[r0], ro.Lg[i], ro.mmax, ro.ssum, ro.c, W, r0, r1, dv, ro.Dl[i, r0], M, d,
+            EPS, BM=BM, BD=ro.BD, num_warps=WARPS)
+        return dv
     # the matmul and einsums in fp32 (or fp64)
     with torch.autocast(ro.V.device.type, enabled=False):
         v, G = ro.V[i].to(acc), ro.G[r0:r1].to(acc)                   # (M, d), (k, M, d)
@@ -419,7 +461,8 @@ def source_grad(ro, W, i, r0, r1):
         dl = a * (torch.einsum('kmd,md->km', G, v) - ro.c[r0:r1])
         dv = (torch.einsum('km,kmd->md', a, G) + rinv[:, None] * (dl.t() @ W[r0:r1].to(acc))
               - ((dl * lg).sum(0) * rinv ** 2 / d)[:, None] * v)
-    return dv, dl * rinv
+    ro.Dl[i, r0:r1] = dl * rinv
+    return dv
 
 
 BM, WARPS = 4, 4  # tokens per program and warps: a 4 x 1024 fp32 tile is 32 registers a thread
@@ -442,26 +485,44 @@ if triton is not None:
             tl.store(Lg + r * M + rows, tl.sum(v * w[None, :], 1) * rinv, mask=rmask)
 
     @triton.jit
-    def _read_kernel(V, Lg, slots, n, r, base, gamma, H, MIX, MMAX, SSUM, M, D, R,
+    def _read_kernel(V, Lg, slots, n, r, OUT, P, W, VN, LN, r1, base, gamma, H, MIX, MMAX, SSUM,
+                     M, D, R, eps, NEW: tl.constexpr, CONT: tl.constexpr, KEEP: tl.constexpr,
                      HAS_BASE: tl.constexpr, HAS_GAMMA: tl.constexpr, BM: tl.constexpr,
                      BD: tl.constexpr):
+        # V, Lg: every slot's (M, D) source and (R, M) logits; VN, LN: the new slot's
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.arange(0, BD)
-        rmask = rows < M
-        mask = rmask[:, None] & (cols < D)[None, :]
+        rmask, cmask = rows < M, cols < D
+        mask = rmask[:, None] & cmask[None, :]
         offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-        m = tl.full([BM], float('-inf'), tl.float32)
+        # the new source p, made here from the last write's output (none: weight exp(-inf) = 0)
+        p = tl.zeros([BM, BD], tl.float32)
+        m = tl.full([BM], float('-inf'), tl.float32)  # its logit first, then the softmax max
+        if NEW:
+            p = tl.load(OUT + offs, mask=mask, other=0.0).to(tl.float32)
+            if CONT:
+                p += tl.load(P + offs, mask=mask, other=0.0)
+            if KEEP:
+                tl.store(P + offs, p, mask=mask)
+            tl.store(VN + offs, p, mask=mask)  # in the storage dtype, for the later reads
+            rinv = tl.rsqrt(tl.sum(p * p, 1) / D + eps)
+            for rr in range(r, r1):  # its logits against every read that will see it
+                wr = tl.load(W + rr * D + cols, mask=cmask, other=0.0).to(tl.float32)
+                tl.store(LN + rr * M + rows, tl.sum(p * wr[None, :], 1) * rinv, mask=rmask)
+            wr = tl.load(W + r * D + cols, mask=cmask, other=0.0).to(tl.float32)
+            m = tl.sum(p * wr[None, :], 1) * rinv
+        l_new = m
         # the softmax max first: a second pass over n logits is cheaper than rescaling
         for i in range(n):
             sl = tl.load(slots + i).to(tl.int64)
             m = tl.maximum(m, tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0))
-        s = tl.zeros([BM], tl.float32)
-        acc = tl.zeros([BM, BD], tl.float32)
+        s = tl.exp(l_new - m)
+        acc = s[:, None] * p
         # the next source's values and logit are loaded before this one's math (software pipelining)
         sl = tl.load(slots).to(tl.int64)
         x_next = tl.load(V + sl * M * D + offs, mask=mask, other=0.0)
         l_next = tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0)
-        for i in range(n):  # each source is read once
+        for i in range(n):  # each other source is read once
             x, w = x_next, tl.exp(l_next - m)
             # (rows * 0 + ...: a vector condition, which the interpreter accepts in a mask as
             # the compiler does)
@@ -473,8 +534,8 @@ if triton is not None:
             s += w
             acc += w[:, None] * x.to(tl.float32)
         mix = acc / s[:, None]
-        tl.store(MMAX + rows, m, mask=rmask)  # this read's rows of the (R, M) statistics
-        tl.store(SSUM + rows, s, mask=rmask)
+        tl.store(MMAX + r * M + rows, m, mask=rmask)  # this read's row of the (R, M) statistics
+        tl.store(SSUM + r * M + rows, s, mask=rmask)
         if HAS_BASE:
             tl.store(MIX + offs, mix, mask=mask)
             if HAS_GAMMA:
@@ -483,21 +544,60 @@ if triton is not None:
         tl.store(H + offs, mix, mask=mask)
 
     @triton.jit
-    def _read_grad_kernel(GH, MIX, gamma, G, C, CH, M, D,
-                          HAS_GAMMA: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+    def _read_grad_kernel(GH, MIX, gamma, G, C, CH, VN, LN, MMAX, SSUM, W, P, DV, DL, slot, r, r1,
+                          M, D, R, eps, NEW: tl.constexpr, ADD_DP: tl.constexpr,
+                          STORE_DP: tl.constexpr, HAS_GAMMA: tl.constexpr, BM: tl.constexpr,
+                          BD: tl.constexpr):
+        # G: the (R, M, D) read gradients; C, MMAX, SSUM: (R, M); VN, LN: the slot read r
+        # registered, its (M, D) source and (R, M) logits; DL: every slot's (R, M) logit gradients
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.arange(0, BD)
-        rmask = rows < M
-        mask = rmask[:, None] & (cols < D)[None, :]
+        rmask, cmask = rows < M, cols < D
+        mask = rmask[:, None] & cmask[None, :]
         offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-        gh = tl.load(GH + offs, mask=mask, other=0.0).to(tl.float32)
-        ch = tl.sum(gh * tl.load(MIX + offs, mask=mask, other=0.0).to(tl.float32), 1)
-        tl.store(CH + rows, ch, mask=rmask)
+        g = tl.load(GH + offs, mask=mask, other=0.0).to(tl.float32)
+        c = tl.sum(g * tl.load(MIX + offs, mask=mask, other=0.0).to(tl.float32), 1)
+        tl.store(CH + rows, c, mask=rmask)
         if HAS_GAMMA:
             gm = tl.load(gamma)
-            gh, ch = gh * gm, ch * gm
-        tl.store(G + offs, gh, mask=mask)  # G, C: this read's rows
-        tl.store(C + rows, ch, mask=rmask)
+            g, c = g * gm, c * gm
+        q = r * M + rows
+        gp = G + (r * M).to(tl.int64) * D + offs  # read r's gradient, for the sources' backward
+        tl.store(gp, g, mask=mask)
+        tl.store(C + q, c, mask=rmask)
+        if NEW:
+            # the new source's gradient, as _source_grad_kernel, with read r's g from registers
+            v = tl.load(VN + offs, mask=mask, other=0.0).to(tl.float32)
+            rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
+            a = (tl.exp(tl.load(LN + q, mask=rmask, other=0.0) - tl.load(MMAX + q, mask=rmask))
+                 / tl.load(SSUM + q, mask=rmask, other=1.0))
+            DLR = DL + slot * R * M  # this slot's rows of DL, from read r on
+            tl.store(DLR + q, a * (tl.sum(g * v, 1) - c), mask=rmask)
+            acc = a[:, None] * g
+            for rr in range(r + 1, r1):  # a finished block's later reads, each gradient once
+                gp += M * D
+                q += M
+                g = tl.load(gp, mask=mask, other=0.0).to(tl.float32)
+                a = (tl.exp(tl.load(LN + q, mask=rmask, other=0.0) - tl.load(MMAX + q, mask=rmask))
+                     / tl.load(SSUM + q, mask=rmask, other=1.0))
+                tl.store(DLR + q, a * (tl.sum(g * v, 1) - tl.load(C + q, mask=rmask, other=0.0)),
+                         mask=rmask)
+                acc += a[:, None] * g
+            tl.debug_barrier()  # pass 2 reads back what other threads of this program stored
+            accw = tl.zeros([BM, BD], tl.float32)  # sum_r dl_r W_r
+            sdl = tl.zeros([BM], tl.float32)       # sum_r dl_r l_r
+            for rr in range(r, r1):
+                dl = tl.load(DLR + rr * M + rows, mask=rmask, other=0.0)
+                accw += (dl[:, None]
+                         * tl.load(W + rr * D + cols, mask=cmask, other=0.0).to(tl.float32)[None, :])
+                sdl += dl * tl.load(LN + rr * M + rows, mask=rmask, other=0.0)
+                tl.store(DLR + rr * M + rows, dl * rinv, mask=rmask)
+            dv = acc + rinv[:, None] * accw - (sdl * rinv * rinv / D)[:, None] * v
+            if ADD_DP:  # what the block's later sums pass down
+                dv += tl.load(P + offs, mask=mask, other=0.0)
+            if STORE_DP:
+                tl.store(P + offs, dv, mask=mask)
+            tl.store(DV + offs, dv, mask=mask)
 
     @triton.jit
     def _source_grad_kernel(V, G, Lg, MMAX, SSUM, C, W, r0, r1, DV, DLR, M, D, eps,
