@@ -422,15 +422,23 @@ def train(argv, ddp):
             hard_stop('step', step)  # in the middle of a step: nothing of it is on disk
         if ddp:
             dist.all_reduce(loss_sum)  # the same loss on every rank, so all of them stop on a NaN
-        train_loss = loss_sum.item() / (accum * world)  # .item() waits for the GPU: dt is real
-        if not math.isfinite(train_loss):  # checked before the update: the weights are still good
-            checkpoint.stop('train loss', train_loss, step + 1, ckpt_path, saved_at)
+        # on CUDA the loss comes to the CPU while the update is queued behind it: waiting for it
+        # before queueing the update would leave the GPU idle until the CPU catches up again
+        backward_done = torch.cuda.Event() if env.kind == 'cuda' else None
+        loss_cpu = loss_sum.to('cpu', non_blocking=backward_done is not None)
+        if backward_done:
+            backward_done.record()
         if cfg.grad_clip:
             scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if backward_done:
+            backward_done.synchronize()  # the loss is here; the update may still run: dt is real
+        train_loss = loss_cpu.item() / (accum * world)
+        if not math.isfinite(train_loss):  # the updated weights are never saved: stop writes nothing
+            checkpoint.stop('train loss', train_loss, step + 1, ckpt_path, saved_at)
         step, tokens = step + 1, tokens + cfg.total_batch_size
         dt = time.perf_counter() - t0
         if step > (resumed_at or 0) + 1:  # a process's first step compiles: left out of tok/s

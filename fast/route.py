@@ -1,21 +1,26 @@
 """
 Fused routing for Attention Residuals and Delta Attention Residuals: the math of model.Routed and
 model.depth_route, organised around the GPU's memory bandwidth. model.py stays the reference; this
-file is what `fast.apply(model, 'fused')` (anywhere) or `'auto'` (on CUDA, per-sublayer forms) runs,
-and tests/test_fastroute.py holds it to the reference, forward and every gradient.
+file is what `fast.apply(model, 'fused')` (anywhere) or `'auto'` (on CUDA) runs, and
+tests/test_fastroute.py holds it to the reference, forward and every gradient.
 
 What the plain path costs, and what this one does instead (per token, d wide, n sources at a read):
-- Forward, a read mixes its n sources. Plain: one generated kernel per read (fine), plus the logits
-  of every new partial block against all reads. Here: one kernel per read reads each visible source
-  once, in the storage dtype (bf16 under autocast), and computes the softmax on the fly from logits
-  that were computed once, when the source was registered.
+- Forward, a read mixes its n sources. Plain: one generated kernel per read (fine), plus the block's
+  running sum, and its logits against every read, in kernels of their own. Here: one kernel per
+  read adds the last sublayer output to the block's running sum (fp32, kept in the Router), stores
+  the sum as a source (bf16 under autocast) with its logits against every read that will see it,
+  and mixes it (from registers) with the other visible sources, each read once, the softmax done on
+  the fly from logits that were computed once, when each source was made.
 - Backward, plain: autograd adds each read's contribution into each source's gradient, a
   read-modify-write of an fp32 (B, T, d) tensor per (source, read) pair, about 10 bytes per element
-  per pair. Here: a read's backward only stores its output gradient g_r (bf16) and one number per
-  token, c_r = g_r . mix_r. A source's backward runs once, after every read that saw it, and reads
-  v_i and each later g_r once:
+  per pair. Here: a read's backward stores its output gradient g_r (bf16) and one number per token,
+  c_r = g_r . mix_r; in the same kernel it makes the gradient of the source it registered, whose
+  reads have all run their backward by now, reading v_i and each later g_r once:
       dL/dv_i = sum_r a_ir g_r + (terms of the logits, from dl_ir = a_ir (g_r . v_i - c_r))
-  so about 2 bytes per element per pair, with nothing accumulated in memory.
+  so about 2 bytes per element per pair, with nothing accumulated in memory. The block's running
+  sum passes the gradient down (p_s = p_{s-1} + out_s, so dL/dout_s = dL/dp_s), in the same kernel,
+  so the sublayer gets its output's gradient with no autograd sum in between. The queries' gradient
+  is one batched matmul at the end, over every source's logit gradients.
 
 How autograd is made to run a source's backward after all of its reads: every op here takes and
 returns a 0-dim "token" tensor, chained in forward order, and every backward op takes and returns
@@ -344,7 +349,8 @@ def use_triton(t):
 
 
 def add_source(ro, v, W, slot, r0, r1):
-    """V[slot] = v; Lg[slot, r] = (W_r . v) / rms(v) for r in [r0, r1)."""
+    """V[slot] = v; Lg[slot, r] = (W_r . v) / rms(v) for r in [r0, r1): the embedding, slot 0 (the
+    reads make the other sources, read_mix)."""
     M, d = v.shape
     if use_triton(v):
         v = v.contiguous()

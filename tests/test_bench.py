@@ -32,6 +32,8 @@ def test_bench_table_and_json(tmp_path, capsys):
     # moves a bf16 source forward and a bf16 read gradient backward: 2 * 20 * 2 bytes x 32 wide x 32 tokens
     rt = result['routing']
     assert (rt['pairs'], rt['impl']) == (20, 'plain') and rt['bytes'] == 2 * 20 * 2 * 32 * 32 and rt['gb_per_s'] > 0
+    # no kernel time off CUDA: the bandwidth is over the wall time
+    assert rt['gpu_ms'] is None and rt['gb_per_s'] == pytest.approx(rt['bytes'] / rt['ms'] / 1e6)
     fused = bench.main(TINY + ['--variants=delta', '--route_impl=fused', f'--json={out}'])['routing']
     assert (fused['pairs'], fused['impl']) == (20, 'fused')
 
