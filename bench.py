@@ -88,6 +88,9 @@ def bench_variant(name, cfg, device):
     # before the optimizer: it replaces the stream's parameters
     cli.fast_paths(model, cfg['route_impl'])
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
+    # each variant compiles afresh: no guards left from the last one's model (whose guard-failure
+    # report, in torch 2.13, looks for that model's buffers in this one)
+    torch._dynamo.reset()
     cli.compile_model(model, cfg['compile'], device.type)  # in place, as train.py; CUDA only
     B, T = cfg['batch_size'], cfg['block_size']
     # random tokens: the speed of a step does not depend on the data, and no dataset is needed

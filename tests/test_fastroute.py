@@ -140,6 +140,7 @@ def test_compiled_fused_path_matches_eager():
     """The ops are registered with torch.library: torch.compile keeps each as one call in a single graph
     (fullgraph: no graph break), and the compiled model computes what the eager one does."""
     eager, model = build('fused', **CASES['delta_block2_gate']), build('fused', **CASES['delta_block2_gate'])
+    torch._dynamo.reset()  # as in test_fastddl.py: no guards left from another stream's compile
     model.compile(fullgraph=True)  # in place, as train.py and bench.py do
     le, ge = loss_and_grads(eager)
     lc, gc = loss_and_grads(model)
