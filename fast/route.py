@@ -237,8 +237,9 @@ def start_op(e, W, key, dtype):
 
 @impl('start_backward')
 def start_backward_op(g_token, W, key, shape, e_dtype):
-    """The embedding's gradient from the routing, and the queries' whole gradient (summed over the
-    sources' backward in the Router). The last of the chain: the step's buffers can go now."""
+    """The embedding's gradient from the routing, and the queries' whole gradient (from the logit
+    gradients every source's backward left in the Router). The last of the chain: the step's
+    buffers can go now."""
     ro = PLANS[key].router
     de = source_backward(ro, W, 0)
     PLANS[key].router = None

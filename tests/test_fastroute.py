@@ -21,8 +21,10 @@ CASES = {  # n_layer=3: 6 sublayers, so blocks of 4 and 5 end with a partial blo
     'attnres': dict(residual='attnres'),
     'attnres_block4': dict(residual='attnres', res_block=4),
     'attnres_block5': dict(residual='attnres', res_block=5),
+    'attnres_one_block': dict(residual='attnres', res_block=6),  # one block: reads see e and its running sum
     'delta': dict(residual='delta'),
     'delta_block4': dict(residual='delta', res_block=4),
+    'delta_block3': dict(residual='delta', res_block=3),  # the last output (read by no one) ends a block
     'delta_gate': dict(residual='delta', delta_gate=True),
     'delta_block2_gate': dict(residual='delta', res_block=2, delta_gate=True),
 }
