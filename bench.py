@@ -35,7 +35,8 @@ defaults = dict(
     variants=','.join(VARIANTS), device='cuda', dtype='bfloat16', compile=True, route_impl='auto',
     batch_size=16, block_size=1024, n_layer=12, n_head=12, n_embd=768, vocab_size=50304,
     warmup=10, steps=30, seed=1337, json='bench.json',
-    # also write the top GPU kernels of 3 profiled steps per variant next to the JSON
+    # also write the top GPU kernels of 3 profiled steps per variant next to the JSON, and (CUDA)
+    # their busy time a step as gpu_ms_per_step
     profile=False,
     route_variant='delta', route_steps=20,  # 0 route_steps skips the routing micro-benchmark
 )
@@ -122,6 +123,7 @@ def bench_variant(name, cfg, device):
     tok_s = B * T / dt
     mfu = model.estimate_mfu(tok_s, peak_flops(device))  # None where the device's peak is unknown
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda' else None
+    gpu_ms = None
     if cfg['profile']:
         with torch.profiler.profile() as prof:
             for _ in range(3):
@@ -130,7 +132,10 @@ def bench_variant(name, cfg, device):
         sort = 'cuda_time_total' if device.type == 'cuda' else 'cpu_time_total'
         with open(cfg['json'].removesuffix('.json') + f'_profile_{name}.txt', 'w') as f:
             f.write(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90))
-    return dict(variant=name, ms_per_step=1000 * dt, tok_per_s=tok_s, mfu=mfu, peak_mem_mb=peak_mb,
+        if device.type == 'cuda':  # the GPU's busy time a step: below ms_per_step, the CPU is short
+            gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / 3
+    return dict(variant=name, ms_per_step=1000 * dt, gpu_ms_per_step=gpu_ms, tok_per_s=tok_s,
+                mfu=mfu, peak_mem_mb=peak_mb,
                 warmup_s=warmup_s, loss=loss.item(), params=model.get_num_params(),
                 flops_per_token=model.flops_per_token(), config=asdict(mcfg))
 

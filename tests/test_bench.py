@@ -38,6 +38,15 @@ def test_bench_table_and_json(tmp_path, capsys):
     assert (fused['pairs'], fused['impl']) == (20, 'fused')
 
 
+def test_bench_profile(tmp_path):
+    """--profile=True writes each variant's profile table next to the JSON; the GPU's busy time a step
+    (gpu_ms_per_step) is measured on CUDA only."""
+    out = tmp_path / 'p.json'
+    row, = bench.main(TINY + ['--variants=delta', '--profile=True', '--route_steps=0', f'--json={out}'])['variants']
+    table = (tmp_path / 'p_profile_delta.txt').read_text()
+    assert 'Self CPU' in table and row['gpu_ms_per_step'] is None
+
+
 def test_bench_help(capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse(['--help'])
