@@ -106,7 +106,7 @@ print('ok')
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(__import__('fast.ddl').ddl.triton is None, reason='triton is not installed')
+@pytest.mark.triton_interpreter
 def test_triton_kernels_under_the_interpreter():
     """The Triton kernels themselves, on the CPU: n_embd=32 with dv=3 also exercises the masked state rows
     (3 of 4), and the backward's programs each sum their share of the 32 tokens."""

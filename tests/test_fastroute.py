@@ -167,7 +167,7 @@ print('ok')
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(fastroute.triton is None, reason='triton is not installed')
+@pytest.mark.triton_interpreter
 def test_triton_kernels_under_the_interpreter():
     """The Triton kernels themselves, on the CPU: n_embd=24 also exercises the masked columns (24 of 32)."""
     env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=str(ROOT))
