@@ -78,6 +78,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def kernel_ms(prof, steps):
+    """The GPU time of a profile's kernels (and copies) a step, in ms: the sum of their own times."""
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / steps
+
+
 def bench_variant(name, cfg, device):
     """Time `steps` AdamW training steps of one variant; returns a dict of measurements."""
     torch.manual_seed(cfg['seed'])
@@ -133,7 +138,7 @@ def bench_variant(name, cfg, device):
         with open(cfg['json'].removesuffix('.json') + f'_profile_{name}.txt', 'w') as f:
             f.write(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90))
         if device.type == 'cuda':  # the GPU's busy time a step: below ms_per_step, the CPU is short
-            gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / 3
+            gpu_ms = kernel_ms(prof, 3)
     return dict(variant=name, ms_per_step=1000 * dt, gpu_ms_per_step=gpu_ms, tok_per_s=tok_s,
                 mfu=mfu, peak_mem_mb=peak_mb,
                 warmup_s=warmup_s, loss=loss.item(), params=model.get_num_params(),
@@ -189,8 +194,7 @@ def bench_routing(cfg, device):
             for _ in range(cfg['route_steps']):
                 step()
             sync(device)
-        gpu_ms = (sum(e.self_device_time_total for e in prof.key_averages()) / 1000
-                  / cfg['route_steps'])
+        gpu_ms = kernel_ms(prof, cfg['route_steps'])
     pairs = sum(_num_sources(r + int(stream.additive), stream.S) for r in range(stream.n_reads))
     nbytes = 2 * pairs * B * T * d * dtype.itemsize
     # the ceiling to compare with: a large device-to-device copy (bytes read + bytes written)

@@ -456,7 +456,7 @@ def source_grad(ro, W, i, r0, r1):
     if use_triton(ro.V):
         dv = ro.V.new_empty((M, d), dtype=acc)
         _source_grad_kernel[ro.grid](
-            ro.V[i], ro.G[r0], ro.Lg[i], ro.mmax, ro.ssum, ro.c, W, r0, r1, dv, ro.Dl[i, r0], M, d,
+            ro.V[i], ro.G[r0], ro.Lg[i], ro.mmax, ro.ssum, ro.c, W, r0, r1, dv, ro.Dl[i], M, d,
             EPS, BM=BM, BD=ro.BD, num_warps=WARPS)
         return dv
     # the matmul and einsums in fp32 (or fp64)
@@ -476,13 +476,38 @@ BM, WARPS = 4, 4  # tokens per program and warps: a 4 x 1024 fp32 tile is 32 reg
 
 if triton is not None:
     @triton.jit
-    def _add_source_kernel(v_ptr, W, V, Lg, r0, r1, M, D, eps, BM: tl.constexpr, BD: tl.constexpr):
-        # V, Lg: this slot's (M, D) source and (R, M) logits
+    def _tile(M, D, BM: tl.constexpr, BD: tl.constexpr):
+        """This program's BM tokens (rows) of an (M, D) tensor, D padded to BD: the row and column
+        indices, their masks, and the elements' offsets (64-bit: M * D can pass 2^31)."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.arange(0, BD)
         rmask, cmask = rows < M, cols < D
         mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        return rows, cols, rmask, cmask, mask, rows[:, None].to(tl.int64) * D + cols[None, :]
+
+    @triton.jit
+    def _source_dv(v, rinv, acc, DLR, Lg, W, r0, r1, rows, cols, rmask, cmask, M, D,
+                   BM: tl.constexpr, BD: tl.constexpr):
+        """Pass 2 of a source's gradient, after pass 1 left acc = sum_r a_r g_r and each dl_r in
+        DLR[r] (DLR, Lg: the source's (R, M) logit gradients and logits). Small loads only (dl_r,
+        l_r, W_r from cache), kept out of pass 1's registers: the logits' terms
+            dv = acc + (sum_r dl_r W_r) / rms(v) - (sum_r dl_r l_r) v / (D rms(v)^2)
+        and DLR[r] scaled by 1/rms(v), for the queries' gradient."""
+        tl.debug_barrier()  # reads back what other threads of this program stored
+        accw = tl.zeros([BM, BD], tl.float32)  # sum_r dl_r W_r
+        sdl = tl.zeros([BM], tl.float32)       # sum_r dl_r l_r
+        for r in range(r0, r1):
+            dl = tl.load(DLR + r * M + rows, mask=rmask, other=0.0)
+            accw += (dl[:, None]
+                     * tl.load(W + r * D + cols, mask=cmask, other=0.0).to(tl.float32)[None, :])
+            sdl += dl * tl.load(Lg + r * M + rows, mask=rmask, other=0.0)
+            tl.store(DLR + r * M + rows, dl * rinv, mask=rmask)
+        return acc + rinv[:, None] * accw - (sdl * rinv * rinv / D)[:, None] * v
+
+    @triton.jit
+    def _add_source_kernel(v_ptr, W, V, Lg, r0, r1, M, D, eps, BM: tl.constexpr, BD: tl.constexpr):
+        # V, Lg: this slot's (M, D) source and (R, M) logits
+        rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
         tl.store(V + offs, v, mask=mask)
         v = v.to(tl.float32)
@@ -497,11 +522,7 @@ if triton is not None:
                      HAS_BASE: tl.constexpr, HAS_GAMMA: tl.constexpr, BM: tl.constexpr,
                      BD: tl.constexpr):
         # V, Lg: every slot's (M, D) source and (R, M) logits; VN, LN: the new slot's
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        cols = tl.arange(0, BD)
-        rmask, cmask = rows < M, cols < D
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
         # the new source p, made here from the last write's output (none: weight exp(-inf) = 0)
         p = tl.zeros([BM, BD], tl.float32)
         m = tl.full([BM], float('-inf'), tl.float32)  # its logit first, then the softmax max
@@ -557,11 +578,7 @@ if triton is not None:
                           BD: tl.constexpr):
         # G: the (R, M, D) read gradients; C, MMAX, SSUM: (R, M); VN, LN: the slot read r
         # registered, its (M, D) source and (R, M) logits; DL: every slot's (R, M) logit gradients
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        cols = tl.arange(0, BD)
-        rmask, cmask = rows < M, cols < D
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
         g = tl.load(GH + offs, mask=mask, other=0.0).to(tl.float32)
         c = tl.sum(g * tl.load(MIX + offs, mask=mask, other=0.0).to(tl.float32), 1)
         tl.store(CH + rows, c, mask=rmask)
@@ -590,16 +607,7 @@ if triton is not None:
                 tl.store(DLR + q, a * (tl.sum(g * v, 1) - tl.load(C + q, mask=rmask, other=0.0)),
                          mask=rmask)
                 acc += a[:, None] * g
-            tl.debug_barrier()  # pass 2 reads back what other threads of this program stored
-            accw = tl.zeros([BM, BD], tl.float32)  # sum_r dl_r W_r
-            sdl = tl.zeros([BM], tl.float32)       # sum_r dl_r l_r
-            for rr in range(r, r1):
-                dl = tl.load(DLR + rr * M + rows, mask=rmask, other=0.0)
-                accw += (dl[:, None]
-                         * tl.load(W + rr * D + cols, mask=cmask, other=0.0).to(tl.float32)[None, :])
-                sdl += dl * tl.load(LN + rr * M + rows, mask=rmask, other=0.0)
-                tl.store(DLR + rr * M + rows, dl * rinv, mask=rmask)
-            dv = acc + rinv[:, None] * accw - (sdl * rinv * rinv / D)[:, None] * v
+            dv = _source_dv(v, rinv, acc, DLR, LN, W, r, r1, rows, cols, rmask, cmask, M, D, BM, BD)
             if ADD_DP:  # what the block's later sums pass down
                 dv += tl.load(P + offs, mask=mask, other=0.0)
             if STORE_DP:
@@ -609,12 +617,9 @@ if triton is not None:
     @triton.jit
     def _source_grad_kernel(V, G, Lg, MMAX, SSUM, C, W, r0, r1, DV, DLR, M, D, eps,
                             BM: tl.constexpr, BD: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        cols = tl.arange(0, BD)
-        rmask, cmask = rows < M, cols < D
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-        v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)  # V, Lg: source i's slot
+        rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
+        # V, Lg, DLR: source i's (M, D) values, (R, M) logits and logit gradients
+        v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
         rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
         # pass 1 streams the reads' gradients (the bytes that matter): sum_r a_r g_r and each dl_r
         acc = tl.zeros([BM, BD], tl.float32)
@@ -640,17 +645,6 @@ if triton is not None:
                               tl.load(C + q, mask=more, other=0.0))
             dl = a * (tl.sum(g * v, 1) - c)
             acc += a[:, None] * g
-            tl.store(DLR + (r - r0) * M + rows, dl, mask=rmask)
-        tl.debug_barrier()  # pass 2 reads back what other threads of this program stored
-        # pass 2, small loads only (dl_r, l_r, W_r from cache): the logits' terms, kept out of
-        # pass 1's registers
-        accw = tl.zeros([BM, BD], tl.float32)  # sum_r dl_r W_r
-        sdl = tl.zeros([BM], tl.float32)       # sum_r dl_r l_r
-        for r in range(r0, r1):
-            dl = tl.load(DLR + (r - r0) * M + rows, mask=rmask, other=0.0)
-            accw += (dl[:, None]
-                     * tl.load(W + r * D + cols, mask=cmask, other=0.0).to(tl.float32)[None, :])
-            sdl += dl * tl.load(Lg + r * M + rows, mask=rmask, other=0.0)
-            tl.store(DLR + (r - r0) * M + rows, dl * rinv, mask=rmask)
-        dv = acc + rinv[:, None] * accw - (sdl * rinv * rinv / D)[:, None] * v
+            tl.store(DLR + r * M + rows, dl, mask=rmask)
+        dv = _source_dv(v, rinv, acc, DLR, Lg, W, r0, r1, rows, cols, rmask, cmask, M, D, BM, BD)
         tl.store(DV + offs, dv, mask=mask)
