@@ -9,8 +9,8 @@ What the plain path costs, and what this one does instead (per token, d wide, n 
   running sum, and its logits against every read, in kernels of their own. Here: one kernel per
   read adds the last sublayer output to the block's running sum (fp32, kept in the Router), stores
   the sum as a source (bf16 under autocast) with its logits against every read that will see it,
-  and mixes it (from registers) with the other visible sources, each read once, the softmax done on
-  the fly from logits that were computed once, when each source was made.
+  and mixes it (as stored) with the other visible sources, each read once, the softmax done on the
+  fly from logits that were computed once, when each source was made.
 - Backward, plain: autograd adds each read's contribution into each source's gradient, a
   read-modify-write of an fp32 (B, T, d) tensor per (source, read) pair, about 10 bytes per element
   per pair. Here: a read's backward stores its output gradient g_r (bf16) and one number per token,
@@ -250,11 +250,11 @@ def start_backward_op(g_token, W, key, shape, e_dtype):
 def read_op(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
     """Adds v (the last write's output, if any) to its block's running sum, registers the sum in
     `slot`, then routed read r: h = mix (AttnRes) or base + gamma * mix (Delta), and (Delta) the mix
-    in the storage dtype, for the backward."""
+    in fp32, for the backward."""
     ro = PLANS[key].router
     h, mix = read_mix(ro, r, slots, None if v is None else v.reshape(-1, v.size(-1)), W, slot,
                       base, gamma)
-    return (h.view(shape), (mix if mix is not None else h.new_empty(0, dtype=dtype)),
+    return (h.view(shape), (mix if mix is not None else h.new_empty(0)),
             token.new_empty(()))
 
 
@@ -297,8 +297,7 @@ def _(g_token, W, key, shape, e_dtype):
 
 @fake('read')
 def _(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
-    mix = token.new_empty((math.prod(shape[:-1]), shape[-1]) if base is not None else (0,),
-                          dtype=dtype)
+    mix = token.new_empty((math.prod(shape[:-1]), shape[-1]) if base is not None else (0,))
     return token.new_empty(shape), mix, token.new_empty(())
 
 
@@ -366,14 +365,15 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
     """Read r. First, if the last write's output v (M, d) is given, it is added to its block's
     running sum p (fp32, as Routed's partial), which becomes source `slot`, with its logits against
     the reads that will see it. Then the mixture of every source read r sees; its softmax max and
-    sum are kept for the backward. Returns h (M, d) and, for Delta, the mix in the storage dtype
-    (AttnRes: None, h is the mix)."""
+    sum are kept for the backward. Returns h (M, d) and, for Delta, the mix (AttnRes: None, h is the
+    mix), both in fp32: the backward's c_r = g_r . mix must be sum_i a_i g_r . v_i to fp32 precision
+    (read_grad), and the mix takes each source as stored, the new one too."""
     plan = ro.plan
     M, d = ro.V.shape[1:]
     acc = ro.Lg.dtype
     new = slot >= 0
     h = ro.V.new_empty((M, d), dtype=acc)
-    mix = None if base is None else ro.V.new_empty((M, d))
+    mix = None if base is None else ro.V.new_empty((M, d), dtype=acc)
     if use_triton(h):
         dummy = h  # unused pointer arguments
         _read_kernel[ro.grid](
@@ -397,8 +397,8 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
     ro.mmax[r] = lg.max(0).values
     w = (lg - ro.mmax[r]).exp()
     ro.ssum[r] = w.sum(0)
-    # the new source in fp32, the others as stored: (n, M, d)
-    srcs = torch.stack([p if i == slot else ro.V[i].to(acc) for i in slots])
+    # every source as stored, the new one too (the backward's v_i): (n, M, d)
+    srcs = torch.stack([ro.V[i].to(acc) for i in slots])
     with torch.autocast(h.device.type, enabled=False):  # einsum would run in the autocast dtype
         h = torch.einsum('nm,nmd->md', w / ro.ssum[r], srcs)      # (n, M) weights -> (M, d)
     if base is not None:
@@ -408,9 +408,11 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
 
 
 def read_grad(ro, W, r, slot, gh, mix, gamma, v_dtype):
-    """Read r's backward. G[r] = gamma dL/dh and c[r] = G[r] . mix are left for the sources' own
-    backward; then, if read r registered source `slot`, every read that saw it has left its G and
-    c, and the source's gradient follows (source_grad). The block's running sum passes it down:
+    """Read r's backward. G[r] = gamma dL/dh (stored) and c[r] = G[r] . mix (from the stored G[r],
+    so that in each source's dl_r = a_r (G[r] . v - c[r]), two near-equal terms where the softmax is
+    sharp, the rounding of G[r] cancels) are left for the sources' own backward; then, if read r
+    registered source `slot`, every read that saw it has left its G and c, and the source's gradient
+    follows (source_grad). The block's running sum passes it down:
     with p_s = p_{s-1} + out_s, dL/dout_s = dL/dp_s, and dL/dp_{s-1} adds it to its own (P holds
     it between the two). Returns dL/dh . mix per token (M,) and dL/dout (M, d) or None."""
     plan = ro.plan
@@ -430,9 +432,9 @@ def read_grad(ro, W, r, slot, gh, mix, gamma, v_dtype):
             NEW=new, ADD_DP=new and plan.keep[slot], STORE_DP=new and plan.cont[slot],
             HAS_GAMMA=gamma is not None, BM=BM, BD=ro.BD, num_warps=WARPS)
     else:
-        ro.G[r] = gh if gamma is None else gamma * gh
         ch[:] = (wide(gh) * wide(mix)).sum(-1)
-        ro.c[r] = ch if gamma is None else gamma * ch
+        ro.G[r] = gh if gamma is None else gamma * gh
+        ro.c[r] = (wide(ro.G[r]) * wide(mix)).sum(-1)
         if not new:
             return ch, None
         dv = source_grad(ro, W, slot, *plan.ranges[slot])
@@ -533,12 +535,16 @@ if triton is not None:
             if KEEP:
                 tl.store(P + offs, p, mask=mask)
             tl.store(VN + offs, p, mask=mask)  # in the storage dtype, for the later reads
+            # its logits from the sum itself (as Routed's); the mix below takes it as stored, as it
+            # takes the other sources, so that the backward's c_r = g_r . mix_r is sum_i a_i g_r . v_i
+            # over the v_i it reads (see _read_grad_kernel)
             rinv = tl.rsqrt(tl.sum(p * p, 1) / D + eps)
             for rr in range(r, r1):  # its logits against every read that will see it
                 wr = tl.load(W + rr * D + cols, mask=cmask, other=0.0).to(tl.float32)
                 tl.store(LN + rr * M + rows, tl.sum(p * wr[None, :], 1) * rinv, mask=rmask)
             wr = tl.load(W + r * D + cols, mask=cmask, other=0.0).to(tl.float32)
             m = tl.sum(p * wr[None, :], 1) * rinv
+            p = p.to(VN.dtype.element_ty).to(tl.float32)
         l_new = m
         # the softmax max first: a second pass over n logits is cheaper than rescaling
         for i in range(n):
@@ -580,11 +586,15 @@ if triton is not None:
         # registered, its (M, D) source and (R, M) logits; DL: every slot's (R, M) logit gradients
         rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
         g = tl.load(GH + offs, mask=mask, other=0.0).to(tl.float32)
-        c = tl.sum(g * tl.load(MIX + offs, mask=mask, other=0.0).to(tl.float32), 1)
-        tl.store(CH + rows, c, mask=rmask)
+        mix = tl.load(MIX + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(CH + rows, tl.sum(g * mix, 1), mask=rmask)
         if HAS_GAMMA:
-            gm = tl.load(gamma)
-            g, c = g * gm, c * gm
+            g = g * tl.load(gamma)
+        # g_r as stored (the storage dtype) and c_r from it: each source's dl_r = a_r (g_r . v - c_r)
+        # is a difference of near-equal terms where the softmax is sharp; made from the same
+        # rounded values, the rounding cancels in it too
+        g = g.to(G.dtype.element_ty).to(tl.float32)
+        c = tl.sum(g * mix, 1)
         q = r * M + rows
         gp = G + (r * M).to(tl.int64) * D + offs  # read r's gradient, for the sources' backward
         tl.store(gp, g, mask=mask)

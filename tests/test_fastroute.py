@@ -175,22 +175,49 @@ def test_triton_kernels_under_the_interpreter():
     assert res.returncode == 0 and res.stdout.strip() == 'ok', res.stderr[-3000:]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-@pytest.mark.parametrize('name', ['attnres', 'attnres_block4', 'delta', 'delta_block2_gate'])
-def test_fused_on_gpu_bf16_against_float64(name):
-    """Under bf16 autocast the fused path stores its sources and read gradients in bf16; the plain path keeps
-    e and the block sums in fp32. Both are compared with a float64 run of the same model, by the relative
-    norm of the error of the loss and of every gradient. Bound: bf16 carries 8 bits (relative rounding
-    2^-9 = 2e-3), and both paths round every matmul input to bf16 anyway, so their errors are of the same
-    size; the fused path may be at most 2x the plain path's error plus 2e-3."""
+def bf16_errors(name, device, seed=0):
+    """One stream alone on the same inputs (e in fp32, sublayer outputs in bf16, as a model makes them)
+    and the same output gradients: the relative error of every read's output and of every gradient (e,
+    each output, the stream's parameters) of the plain and the fused path under bf16 autocast, against
+    a float64 run of the plain path."""
     cfg = dict(n_layer=4, n_embd=256, **CASES[name])
-    ref = build('plain', **cfg).double().cuda()
-    lr, gr = loss_and_grads(ref, B=4, T=16)
-    errs = {}
-    for impl in ('plain', 'fused'):
-        model = build(impl, **cfg).cuda()
-        with torch.autocast('cuda', dtype=torch.bfloat16):
-            loss, grads = loss_and_grads(model, B=4, T=16)
-        errs[impl] = [rel_err(loss, lr)] + [rel_err(grads[n], gr[n]) for n in gr]
-    for n, ep, ef in zip(['loss'] + list(gr), errs['plain'], errs['fused']):
-        assert ef <= 2 * ep + 2e-3, (n, ef, ep)
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(4, 16, 256, generator=g) * 0.5
+    outs = [(torch.randn(4, 16, 256, generator=g) * 0.5).bfloat16() for _ in range(8)]
+    grads = [torch.randn(4, 16, 256, generator=g) for _ in range(9)]
+
+    def run(stream, dtype):
+        # fresh leaves (.to() of a tensor already there would return it, and gradients would add up)
+        ee = e.to(device, dtype).clone().requires_grad_()
+        oo = [o.to(device, dtype if dtype == torch.float64 else o.dtype).clone().requires_grad_() for o in outs]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype != torch.float64):
+            st, hs = stream.start(ee), []
+            for s, out in enumerate(oo):
+                hs.append(stream.read(st, s))
+                stream.write(st, s, out, hs[-1], None)
+            hs.append(stream.final(st))
+        torch.autograd.backward(hs, [gr.to(device, h.dtype) for gr, h in zip(grads, hs)])
+        return hs + [ee.grad] + [o.grad for o in oo] + [p.grad for p in stream.parameters()]
+
+    ref = run(build('plain', **cfg).stream.double().to(device), torch.float64)
+    return {impl: [rel_err(a, b) for a, b in zip(run(build(impl, **cfg).stream.to(device), torch.float32), ref)
+                   if b is not None]
+            for impl in ('plain', 'fused')}
+
+
+@pytest.mark.parametrize('device', ['cpu', 'cuda'])
+@pytest.mark.parametrize('name', ['attnres', 'attnres_block4', 'delta', 'delta_block2_gate'])
+def test_fused_bf16_as_accurate_as_plain(name, device):
+    """Under bf16 autocast the fused path stores its sources and read gradients in bf16 (the plain path
+    keeps e and the block sums in fp32): each error may be at most 1.5x the plain path's plus 5e-3, a few
+    of bf16's roundings (2^-9 = 2e-3; measured up to 0.7e-2 where the plain path's is 0.2e-2). A softmax
+    over sources with sharp logits (build's queries) makes each logit's gradient a difference of
+    near-equal terms, a_r (g_r . v - c_r): the fused path passes only if it makes both terms from the
+    same rounded values (with c_r from unrounded ones its errors were up to 8e-2). The stream alone, as in a whole bf16 model a rounding in the first layers
+    can change the last gradients by more than their size (build's sharp softmax makes it chaotic).
+    On CPU the fused path's torch kernels; on a GPU its Triton kernels."""
+    if device == 'cuda' and not torch.cuda.is_available():
+        pytest.skip('needs a CUDA GPU')
+    errs = bf16_errors(name, device)
+    for i, (ep, ef) in enumerate(zip(errs['plain'], errs['fused'])):
+        assert ef <= 1.5 * ep + 5e-3, (i, ef, ep)
