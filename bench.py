@@ -79,8 +79,10 @@ def sync(device):
 
 
 def kernel_ms(prof, steps):
-    """The GPU time of a profile's kernels (and copies) a step, in ms: the sum of their own times."""
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / steps
+    """The GPU time of a profile's kernels (and copies) a step, in ms: the sum of their own times.
+    Device events only: the row of the CPU op that launched a kernel repeats the kernel's time."""
+    return sum(e.self_device_time_total for e in prof.key_averages()
+               if e.device_type != torch.autograd.DeviceType.CPU) / 1000 / steps
 
 
 def bench_variant(name, cfg, device):

@@ -93,3 +93,14 @@ def test_compiled_path_matches_eager_reference(kw):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_kernel_ms_counts_each_kernel_once():
+    """With CPU activity profiled too, the op that launched a kernel reports the kernel's time as its own
+    device time as well: the GPU busy time sums the device's events only (it read twice the truth)."""
+    from types import SimpleNamespace as E
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [E(device_type=cpu, self_device_time_total=3000.0),   # aten::mm, 3 ms of its kernel
+              E(device_type=cuda, self_device_time_total=3000.0),  # the kernel itself
+              E(device_type=cuda, self_device_time_total=1000.0)]  # a kernel launched outside any op
+    assert bench.kernel_ms(E(key_averages=lambda: events), steps=2) == pytest.approx(2.0)
