@@ -354,8 +354,8 @@ def add_source(ro, v, W, slot, r0, r1):
     M, d = v.shape
     if use_triton(v):
         v = v.contiguous()
-        launch(_add_source_kernel, ro.grid, v, W, ro.V[slot], ro.Lg[slot], r0, r1, M, d, EPS, BM=BM,
-               BD=ro.BD, num_warps=WARPS)
+        _add_source_kernel[ro.grid](v, W, ro.V[slot], ro.Lg[slot], r0, r1, M, d, EPS, BM=BM,
+                                    BD=ro.BD, num_warps=WARPS)
     else:
         ro.V[slot] = v
         ro.Lg[slot, r0:r1] = source_logits(v, W[r0:r1], EPS).t()
@@ -376,8 +376,7 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
     mix = None if base is None else ro.V.new_empty((M, d), dtype=acc)
     if use_triton(h):
         dummy = h  # unused pointer arguments
-        launch(
-            _read_kernel, ro.grid,
+        _read_kernel[ro.grid](
             ro.V, ro.Lg, table, len(plan.others[r]), r, dummy if v is None else v.contiguous(),
             dummy if ro.P is None else ro.P, W, ro.V[max(slot, 0)], ro.Lg[max(slot, 0)],
             plan.ranges[slot][1] if new else r, dummy if base is None else base.contiguous(),
@@ -425,8 +424,7 @@ def read_grad(ro, W, r, slot, gh, mix, gamma, v_dtype):
         r1 = plan.ranges[slot][1] if new else r + 1
         dv = ro.V.new_empty((M, d), dtype=v_dtype) if new else None
         dummy = ch  # unused pointer arguments
-        launch(
-            _read_grad_kernel, ro.grid,
+        _read_grad_kernel[ro.grid](
             gh.contiguous(), mix, dummy if gamma is None else gamma, ro.G, ro.c, ch,
             ro.V[max(slot, 0)], ro.Lg[max(slot, 0)], ro.mmax, ro.ssum, W,
             dummy if ro.P is None else ro.P, dummy if dv is None else dv, ro.Dl, max(slot, 0), r,
@@ -459,8 +457,7 @@ def source_grad(ro, W, i, r0, r1):
     acc = ro.Lg.dtype
     if use_triton(ro.V):
         dv = ro.V.new_empty((M, d), dtype=acc)
-        launch(
-            _source_grad_kernel, ro.grid,
+        _source_grad_kernel[ro.grid](
             ro.V[i], ro.G[r0], ro.Lg[i], ro.mmax, ro.ssum, ro.c, W, r0, r1, dv, ro.Dl[i], M, d,
             EPS, BM=BM, BD=ro.BD, num_warps=WARPS)
         return dv
@@ -478,31 +475,6 @@ def source_grad(ro, W, i, r0, r1):
 
 
 BM, WARPS = 4, 4  # tokens per program and warps: a 4 x 1024 fp32 tile is 32 registers a thread
-
-
-def launch(kernel, grid, *args, **meta):
-    """kernel[grid](*args, **meta), for less CPU. Triton's launch binds and specializes every
-    argument and makes a cache key of them at each call, about half the CPU time of an op here (50
-    launches a step, which the GPU can outrun at small widths). The compiled kernel it returns is
-    launched directly when the same arguments' properties recur: ints by value, tensors by dtype and
-    16-byte alignment, a superset of what Triton specializes on. The interpreter launches as usual."""
-    if os.environ.get('TRITON_INTERPRET') == '1':
-        return kernel[grid](*args, **meta)
-    key = (kernel, grid, *meta.values(),
-           *[(a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a for a in args])
-    run = LAUNCHES.get(key)
-    if run is None:
-        compiled = kernel[grid](*args, **meta)
-        # the compiled kernel takes every parameter in order, the constexprs (which follow the
-        # runtime arguments in these kernels) too
-        tail = tuple(meta[name] for name in kernel.arg_names[len(args):])
-        runner = compiled[tuple(grid) + (1,) * (3 - len(grid))]  # it wants all three grid sizes
-        LAUNCHES[key] = lambda *a: runner(*a, *tail)
-    else:
-        run(*args)
-
-
-LAUNCHES = {}
 
 if triton is not None:
     @triton.jit

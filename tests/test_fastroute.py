@@ -221,35 +221,3 @@ def test_fused_bf16_as_accurate_as_plain(name, device):
     errs = bf16_errors(name, device)
     for i, (ep, ef) in enumerate(zip(errs['plain'], errs['fused'])):
         assert ef <= 1.5 * ep + 5e-3, (i, ef, ep)
-
-
-def test_launch_reuses_the_compiled_kernel_only_for_the_same_properties(monkeypatch):
-    """fastroute.launch goes through the JIT (kernel[grid]) the first time a set of argument properties
-    appears, then calls the compiled kernel it returned with every parameter, constexprs last. A new int
-    value, dtype or 16-byte alignment goes through the JIT again."""
-    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
-    calls = []
-
-    class Compiled:
-        def __getitem__(self, grid):
-            return lambda *a: calls.append(('direct', grid, a))
-
-    class Kernel:
-        arg_names = ['X', 'n', 'eps', 'FLAG', 'BM']
-
-        def __getitem__(self, grid):
-            def jit(*a, **meta):
-                calls.append(('jit', grid, a, meta))
-                return Compiled()
-            return jit
-
-    k, x = Kernel(), torch.zeros(8)
-    for _ in range(2):
-        fastroute.launch(k, (4,), x, 3, 1e-6, FLAG=True, BM=4, num_warps=4)
-    assert [c[0] for c in calls] == ['jit', 'direct']
-    assert calls[1][1] == (4, 1, 1) and calls[1][2] == (x, 3, 1e-6, True, 4)
-    fastroute.launch(k, (4,), x, 5, 1e-6, FLAG=True, BM=4, num_warps=4)      # another int
-    fastroute.launch(k, (4,), x[1:], 3, 1e-6, FLAG=True, BM=4, num_warps=4)  # 4 bytes off alignment
-    fastroute.launch(k, (4,), x.double(), 3, 1e-6, FLAG=True, BM=4, num_warps=4)
-    fastroute.launch(k, (4,), x, 3, 1e-6, FLAG=False, BM=4, num_warps=4)     # another constexpr
-    assert [c[0] for c in calls[2:]] == ['jit'] * 4
