@@ -115,6 +115,17 @@ def test_fused_falls_back_to_plain_off_cuda_and_while_probed():
     torch.testing.assert_close(routing.weights(fused, idx), routing.weights(plain, idx))
 
 
+def test_auto_fuses_block_forms_from_768_wide_on_cuda():
+    """'auto' (measured on an H100): every full form on CUDA; a block form only from 768 wide."""
+    from types import SimpleNamespace
+    cuda = lambda d: SimpleNamespace(is_cuda=True, size=lambda dim: d)  # what fused() looks at
+    full, block = build('auto', **CASES['delta']).stream, build('auto', **CASES['attnres_block4']).stream
+    assert full.fused(cuda(512)) and full.fused(cuda(768))
+    assert not block.fused(cuda(512)) and block.fused(cuda(768)) and block.fused(cuda(1024))
+    assert not block.fused(SimpleNamespace(is_cuda=False, size=lambda dim: 1024))
+    assert build('fused', **CASES['attnres_block4']).stream.fused(cuda(512))  # asked for: always
+
+
 def test_router_is_freed_after_backward(monkeypatch):
     """The Router (a step's sources and read gradients) lives from the forward to the end of the backward,
     not into the next step: nothing else holds it."""
