@@ -13,6 +13,7 @@ variants, the device and its precision, and a GPU's peak FLOP/s for MFU.
 import ast
 import difflib
 import operator
+import warnings
 
 # arithmetic that a number may use, so that a value can show how it is made:
 # total_batch_size = 32 * 1024 * 16
@@ -270,8 +271,16 @@ def compile_model(model, want, kind):
         return f'off ({kind} runs eager)'
     if sys.platform == 'win32' or find_spec('triton') is None:  # torch.compile needs triton on CUDA
         return 'off (no triton: not installed, or Windows; running eager)'
+    quiet_inductor()
     model.compile()
     return 'on'
+
+
+def quiet_inductor():
+    """Silence one Inductor notice: compiling the plain routed softmax (a few sources a token), it
+    says 'Online softmax is disabled on the fly since Inductor decides to split the reduction', six
+    lines each time, about its own choice of kernel; nothing to act on. Other warnings still show."""
+    warnings.filterwarnings('ignore', message=r'\s*Online softmax is disabled', category=UserWarning)
 
 
 # dense bf16 peak FLOP/s by device name, for MFU (vendor data sheets, without sparsity)

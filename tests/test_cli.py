@@ -56,3 +56,16 @@ def test_bench_rejects_and_compare_passes_on_unknown_keys():
     assert rest == ['--max_iters=5', 'configs/x.py']  # train.py's keys and files, handed on to every run
     with pytest.raises(SystemExit, match='routing_tokens=many: expected a number'):  # a known key is still read
         compare.parse(['--routing_tokens=many'])
+
+
+def test_quiet_inductor_silences_only_the_online_softmax_notice():
+    """compile_model hides Inductor's 'Online softmax is disabled' notice (six lines at every compile of the
+    plain routed softmax) and nothing else."""
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        cli.quiet_inductor()
+        warnings.warn('\nOnline softmax is disabled on the fly since Inductor decides to\nsplit the reduction.',
+                      UserWarning)
+        warnings.warn('TensorFloat32 tensor cores for float32 matrix multiplication available', UserWarning)
+    assert [str(w.message)[:11] for w in seen] == ['TensorFloat']
