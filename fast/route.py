@@ -415,9 +415,9 @@ def read_grad(ro, W, r, slot, gh, mix, gamma, v_dtype):
     so that in each source's dl_r = a_r (G[r] . v - c[r]), two near-equal terms where the softmax is
     sharp, the rounding of G[r] cancels) are left for the sources' own backward; then, if read r
     registered source `slot`, every read that saw it has left its G and c, and the source's gradient
-    follows (source_grad). The block's running sum passes it down:
-    with p_s = p_{s-1} + out_s, dL/dout_s = dL/dp_s, and dL/dp_{s-1} adds it to its own (P holds
-    it between the two). Returns dL/dh . mix per token (M,) and dL/dout (M, d) or None."""
+    follows (source_grad). The block's running sum passes it down: with p_s = p_{s-1} + out_s,
+    dL/dout_s = dL/dp_s, and dL/dp_{s-1} adds it to its own (P holds it between the two). Returns
+    dL/dh . mix per token (M,) and dL/dout (M, d) or None."""
     plan = ro.plan
     M, d = gh.shape
     acc = ro.c.dtype

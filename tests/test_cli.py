@@ -1,6 +1,8 @@
 """The --key=value parser that train.py, sample.py, bench.py and compare.py share (cli.py), with the options of
 sample.py, bench.py and compare.py; train.py's own use of it is tested in test_train.py."""
 
+import warnings
+
 import pytest
 
 import bench
@@ -61,7 +63,6 @@ def test_bench_rejects_and_compare_passes_on_unknown_keys():
 def test_quiet_inductor_silences_only_the_online_softmax_notice():
     """compile_model hides Inductor's 'Online softmax is disabled' notice (six lines at every compile of the
     plain routed softmax) and nothing else."""
-    import warnings
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter('always')
         cli.quiet_inductor()
