@@ -386,7 +386,8 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
             dummy if gamma is None else gamma, h, dummy if mix is None else mix, ro.mmax,
             ro.ssum, M, d, ro.Lg.size(1), EPS, NEW=new, CONT=new and plan.cont[slot],
             KEEP=new and plan.keep[slot], HAS_BASE=base is not None,
-            HAS_GAMMA=gamma is not None, BM=BM, BD=ro.BD, num_warps=WARPS)
+            HAS_GAMMA=gamma is not None, NP=triton.next_power_of_2(table.numel()), BM=BM,
+            BD=ro.BD, num_warps=WARPS)
         return h, mix
     if new:
         p = wide(v) + ro.P if plan.cont[slot] else wide(v)        # (M, d)
@@ -461,7 +462,7 @@ def source_grad(ro, W, i, r0, r1):
     if use_triton(ro.V):
         dv = ro.V.new_empty((M, d), dtype=acc)
         _source_grad_kernel[ro.grid](
-            ro.V[i], ro.G[r0], ro.Lg[i], ro.mmax, ro.ssum, ro.c, W, r0, r1, dv, ro.Dl[i], M, d,
+            ro.V[i], ro.G, ro.Lg[i], ro.mmax, ro.ssum, ro.c, W, r0, r1, dv, ro.Dl[i], M, d,
             EPS, BM=BM, BD=ro.BD, num_warps=WARPS)
         return dv
     # the matmul and einsums in fp32 (or fp64)
@@ -477,7 +478,13 @@ def source_grad(ro, W, i, r0, r1):
     return dv
 
 
-BM, WARPS = 4, 4  # tokens per program and warps: a 4 x 1024 fp32 tile is 32 registers a thread
+# Tokens per program, and warps: one warp holds two tokens' rows, so a row's sums (g . v, a key's
+# RMS) stay inside the warp, with no barrier between warps at every read; and D is a compile-time
+# constant, so the padding (768 of 1024 columns) takes no registers. The backward kernels fit more
+# warps on an SM that way (176-182 registers a thread for 64 elements, against 160-217 for 32 at
+# 4 tokens x 4 warps with D a runtime value). The routing kernels of a step at GPT-2 124M on an
+# H100, full AttnRes / Delta: 14.1 / 13.7 ms at 4 x 4, 9.4 / 9.5 ms at 2 x 1 (docs/performance.md)
+BM, WARPS = 2, 1
 
 if triton is not None:
     @triton.jit
@@ -491,26 +498,62 @@ if triton is not None:
         return rows, cols, rmask, cmask, mask, rows[:, None].to(tl.int64) * D + cols[None, :]
 
     @triton.jit
-    def _source_dv(v, rinv, acc, DLR, Lg, W, r0, r1, rows, cols, rmask, cmask, M, D,
-                   BM: tl.constexpr, BD: tl.constexpr):
-        """Pass 2 of a source's gradient, after pass 1 left acc = sum_r a_r g_r and each dl_r in
-        DLR[r] (DLR, Lg: the source's (R, M) logit gradients and logits). Small loads only (dl_r,
-        l_r, W_r from cache), kept out of pass 1's registers: the logits' terms
-            dv = acc + (sum_r dl_r W_r) / rms(v) - (sum_r dl_r l_r) v / (D rms(v)^2)
-        and DLR[r] scaled by 1/rms(v), for the queries' gradient."""
-        tl.debug_barrier()  # reads back what other threads of this program stored
-        accw = tl.zeros([BM, BD], tl.float32)  # sum_r dl_r W_r
-        sdl = tl.zeros([BM], tl.float32)       # sum_r dl_r l_r
+    def _grad_sum(v, rinv, acc, sdl, G, Lg, MMAX, SSUM, C, DLR, r0, r1, rows, rmask, mask, offs,
+                  M, D):
+        """Pass 1 of a source's gradient, over the reads r0 <= r < r1 that saw it (v, rinv: its
+        values and 1/rms; Lg, DLR: its (R, M) logits and logit gradients; G: the (R, M, D) read
+        gradients). Adds sum_r a_r g_r to acc and sum_r dl_r l_r to sdl, with
+        dl_r = a_r (g_r . v - c_r), and stores dl_r / rms(v) in DLR[r] (for pass 2 and the queries'
+        gradient). Each read's gradient is loaded once, the next one's (and its statistics) before
+        this one's math: software pipelining, a second tile in flight while this one is used."""
+        gp = G + (r0 * M).to(tl.int64) * D  # read r0's (M, D) gradient; then a step of M * D a read
+        q = r0 * M + rows
+        # (rows * 0 + ...: a vector condition, which the interpreter accepts in a mask as the
+        # compiler does; an empty range loads nothing)
+        more = rmask & (rows * 0 + r0 < r1)
+        g_next = tl.load(gp + offs, mask=mask & more[:, None], other=0.0)
+        l_next, m_next = (tl.load(Lg + q, mask=more, other=0.0),
+                          tl.load(MMAX + q, mask=more, other=0.0))
+        s_next, c_next = (tl.load(SSUM + q, mask=more, other=1.0),
+                          tl.load(C + q, mask=more, other=0.0))
         for r in range(r0, r1):
-            dl = tl.load(DLR + r * M + rows, mask=rmask, other=0.0)
-            accw += (dl[:, None]
-                     * tl.load(W + r * D + cols, mask=cmask, other=0.0).to(tl.float32)[None, :])
-            sdl += dl * tl.load(Lg + r * M + rows, mask=rmask, other=0.0)
+            g, lg, a, c = g_next.to(tl.float32), l_next, tl.exp(l_next - m_next) / s_next, c_next
+            gp += M * D
+            q += M
+            more = rmask & (rows * 0 + r + 1 < r1)
+            g_next = tl.load(gp + offs, mask=mask & more[:, None], other=0.0)
+            l_next, m_next = (tl.load(Lg + q, mask=more, other=0.0),
+                              tl.load(MMAX + q, mask=more, other=0.0))
+            s_next, c_next = (tl.load(SSUM + q, mask=more, other=1.0),
+                              tl.load(C + q, mask=more, other=0.0))
+            dl = a * (tl.sum(g * v.to(tl.float32), 1) - c)
+            acc += a[:, None] * g
+            sdl += dl * lg
             tl.store(DLR + r * M + rows, dl * rinv, mask=rmask)
-        return acc + rinv[:, None] * accw - (sdl * rinv * rinv / D)[:, None] * v
+        return acc, sdl
 
     @triton.jit
-    def _add_source_kernel(v_ptr, W, V, Lg, r0, r1, M, D, eps, BM: tl.constexpr, BD: tl.constexpr):
+    def _source_dv(v, rinv, acc, sdl, DLR, W, r0, r1, rows, cols, rmask, cmask, M, D):
+        """Pass 2 of a source's gradient, after pass 1 (_grad_sum): the logits' terms
+            dv = acc + (sum_r dl_r W_r) / rms(v) - (sum_r dl_r l_r) v / (D rms(v)^2)
+        from small loads only (dl_r / rms(v) as pass 1 stored it, W_r from cache), kept out of pass
+        1's registers; the next read's loaded before this one's math, as in pass 1."""
+        tl.debug_barrier()  # reads back what other threads of this program stored
+        more = rows * 0 + r0 < r1
+        dl_next = tl.load(DLR + r0 * M + rows, mask=rmask & more, other=0.0)
+        w_next = tl.load(W + r0 * D + cols, mask=cmask & (cols * 0 + r0 < r1), other=0.0)
+        for r in range(r0, r1):  # acc += dl_r W_r / rms(v), into pass 1's sum (no second tile)
+            dl, w = dl_next, w_next.to(tl.float32)
+            dl_next = tl.load(DLR + (r + 1) * M + rows, mask=rmask & (rows * 0 + r + 1 < r1),
+                              other=0.0)
+            w_next = tl.load(W + (r + 1) * D + cols, mask=cmask & (cols * 0 + r + 1 < r1),
+                             other=0.0)
+            acc += dl[:, None] * w[None, :]
+        return acc - (sdl * rinv * rinv / D)[:, None] * v.to(tl.float32)
+
+    @triton.jit
+    def _add_source_kernel(v_ptr, W, V, Lg, r0, r1, M, D: tl.constexpr, eps, BM: tl.constexpr,
+                           BD: tl.constexpr):
         # V, Lg: this slot's (M, D) source and (R, M) logits
         rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
@@ -523,10 +566,11 @@ if triton is not None:
 
     @triton.jit
     def _read_kernel(V, Lg, slots, n, r, OUT, P, W, VN, LN, r1, base, gamma, H, MIX, MMAX, SSUM,
-                     M, D, R, eps, NEW: tl.constexpr, CONT: tl.constexpr, KEEP: tl.constexpr,
-                     HAS_BASE: tl.constexpr, HAS_GAMMA: tl.constexpr, BM: tl.constexpr,
-                     BD: tl.constexpr):
-        # V, Lg: every slot's (M, D) source and (R, M) logits; VN, LN: the new slot's
+                     M, D: tl.constexpr, R, eps, NEW: tl.constexpr, CONT: tl.constexpr,
+                     KEEP: tl.constexpr, HAS_BASE: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                     NP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+        # V, Lg: every slot's (M, D) source and (R, M) logits; VN, LN: the new slot's; slots: the
+        # n other sources' slots (a row of the padded table, at most NP wide)
         rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
         # the new source p, made here from the last write's output (none: weight exp(-inf) = 0)
         p = tl.zeros([BM, BD], tl.float32)
@@ -549,10 +593,14 @@ if triton is not None:
             m = tl.sum(p * wr[None, :], 1) * rinv
             p = p.to(VN.dtype.element_ty).to(tl.float32)
         l_new = m
-        # the softmax max first: a second pass over n logits is cheaper than rescaling
-        for i in range(n):
-            sl = tl.load(slots + i).to(tl.int64)
-            m = tl.maximum(m, tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0))
+        # the softmax max first, over the other sources' logits in one (NP, BM) gather: their loads
+        # in flight together, not n in a row (a second pass over the logits is cheaper than
+        # rescaling the mix)
+        ii = tl.arange(0, NP)
+        sls = tl.load(slots + ii, mask=ii < n, other=0).to(tl.int64)
+        lg = tl.load(Lg + (sls[:, None] * R + r) * M + rows[None, :],
+                     mask=(ii < n)[:, None] & rmask[None, :], other=float('-inf'))
+        m = tl.maximum(m, tl.max(lg, 0))
         s = tl.exp(l_new - m)
         acc = s[:, None] * p
         # the next source's values and logit are loaded before this one's math (software pipelining)
@@ -582,7 +630,7 @@ if triton is not None:
 
     @triton.jit
     def _read_grad_kernel(GH, MIX, gamma, G, C, CH, VN, LN, MMAX, SSUM, W, P, DV, DL, slot, r, r1,
-                          M, D, R, eps, NEW: tl.constexpr, ADD_DP: tl.constexpr,
+                          M, D: tl.constexpr, R, eps, NEW: tl.constexpr, ADD_DP: tl.constexpr,
                           STORE_DP: tl.constexpr, HAS_GAMMA: tl.constexpr, BM: tl.constexpr,
                           BD: tl.constexpr):
         # G: the (R, M, D) read gradients; C, MMAX, SSUM: (R, M); VN, LN: the slot read r
@@ -604,23 +652,18 @@ if triton is not None:
         tl.store(C + q, c, mask=rmask)
         if NEW:
             # the new source's gradient, as _source_grad_kernel, with read r's g from registers
-            v = tl.load(VN + offs, mask=mask, other=0.0).to(tl.float32)
-            rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
-            a = (tl.exp(tl.load(LN + q, mask=rmask, other=0.0) - tl.load(MMAX + q, mask=rmask))
+            v = tl.load(VN + offs, mask=mask, other=0.0)  # as stored: half the registers of fp32
+            rinv = tl.rsqrt(tl.sum(v.to(tl.float32) * v.to(tl.float32), 1) / D + eps)
+            lg = tl.load(LN + q, mask=rmask, other=0.0)
+            a = (tl.exp(lg - tl.load(MMAX + q, mask=rmask))
                  / tl.load(SSUM + q, mask=rmask, other=1.0))
+            dl = a * (tl.sum(g * v.to(tl.float32), 1) - c)
             DLR = DL + slot * R * M  # this slot's rows of DL, from read r on
-            tl.store(DLR + q, a * (tl.sum(g * v, 1) - c), mask=rmask)
-            acc = a[:, None] * g
-            for rr in range(r + 1, r1):  # a finished block's later reads, each gradient once
-                gp += M * D
-                q += M
-                g = tl.load(gp, mask=mask, other=0.0).to(tl.float32)
-                a = (tl.exp(tl.load(LN + q, mask=rmask, other=0.0) - tl.load(MMAX + q, mask=rmask))
-                     / tl.load(SSUM + q, mask=rmask, other=1.0))
-                tl.store(DLR + q, a * (tl.sum(g * v, 1) - tl.load(C + q, mask=rmask, other=0.0)),
-                         mask=rmask)
-                acc += a[:, None] * g
-            dv = _source_dv(v, rinv, acc, DLR, LN, W, r, r1, rows, cols, rmask, cmask, M, D, BM, BD)
+            tl.store(DLR + q, dl * rinv, mask=rmask)
+            # then a finished block's later reads, each gradient once
+            acc, sdl = _grad_sum(v, rinv, a[:, None] * g, dl * lg, G, LN, MMAX, SSUM, C, DLR, r + 1,
+                                 r1, rows, rmask, mask, offs, M, D)
+            dv = _source_dv(v, rinv, acc, sdl, DLR, W, r, r1, rows, cols, rmask, cmask, M, D)
             if ADD_DP:  # what the block's later sums pass down
                 dv += tl.load(P + offs, mask=mask, other=0.0)
             if STORE_DP:
@@ -628,36 +671,14 @@ if triton is not None:
             tl.store(DV + offs, dv, mask=mask)
 
     @triton.jit
-    def _source_grad_kernel(V, G, Lg, MMAX, SSUM, C, W, r0, r1, DV, DLR, M, D, eps,
+    def _source_grad_kernel(V, G, Lg, MMAX, SSUM, C, W, r0, r1, DV, DLR, M, D: tl.constexpr, eps,
                             BM: tl.constexpr, BD: tl.constexpr):
         rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
         # V, Lg, DLR: source i's (M, D) values, (R, M) logits and logit gradients
-        v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
-        rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
+        v = tl.load(V + offs, mask=mask, other=0.0)  # as stored: half the registers of fp32
+        rinv = tl.rsqrt(tl.sum(v.to(tl.float32) * v.to(tl.float32), 1) / D + eps)
         # pass 1 streams the reads' gradients (the bytes that matter): sum_r a_r g_r and each dl_r
-        acc = tl.zeros([BM, BD], tl.float32)
-        # G starts at read r0's gradient; a step of M * D per read (64-bit pointer arithmetic)
-        gp = G + offs
-        # the next read's gradient and statistics are loaded before this one's math
-        # (software pipelining)
-        g_next = tl.load(gp, mask=mask, other=0.0)
-        q = r0 * M + rows
-        l_next, m_next = (tl.load(Lg + q, mask=rmask, other=0.0),
-                          tl.load(MMAX + q, mask=rmask, other=0.0))
-        s_next, c_next = (tl.load(SSUM + q, mask=rmask, other=1.0),
-                          tl.load(C + q, mask=rmask, other=0.0))
-        for r in range(r0, r1):  # each later read's gradient is read once
-            g, a, c = g_next.to(tl.float32), tl.exp(l_next - m_next) / s_next, c_next
-            gp += M * D
-            more = rmask & (rows * 0 + r + 1 < r1)
-            q += M
-            g_next = tl.load(gp, mask=mask & more[:, None], other=0.0)
-            l_next, m_next = (tl.load(Lg + q, mask=more, other=0.0),
-                              tl.load(MMAX + q, mask=more, other=0.0))
-            s_next, c_next = (tl.load(SSUM + q, mask=more, other=1.0),
-                              tl.load(C + q, mask=more, other=0.0))
-            dl = a * (tl.sum(g * v, 1) - c)
-            acc += a[:, None] * g
-            tl.store(DLR + r * M + rows, dl, mask=rmask)
-        dv = _source_dv(v, rinv, acc, DLR, Lg, W, r0, r1, rows, cols, rmask, cmask, M, D, BM, BD)
+        acc, sdl = _grad_sum(v, rinv, tl.zeros([BM, BD], tl.float32), tl.zeros([BM], tl.float32), G,
+                             Lg, MMAX, SSUM, C, DLR, r0, r1, rows, rmask, mask, offs, M, D)
+        dv = _source_dv(v, rinv, acc, sdl, DLR, W, r0, r1, rows, cols, rmask, cmask, M, D)
         tl.store(DV + offs, dv, mask=mask)
