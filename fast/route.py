@@ -84,11 +84,11 @@ class FusedRouted(Routed):
         self.key = OPS.register(self, Plan(self.ranges, self.visible, others, R, S))
 
     def fused(self, e):
-        # 'auto': on CUDA; the block forms from 768 wide. Narrower, a step is short enough that the
-        # fused op's Python (two calls a sublayer) outlasts what its kernels save: 12 x 512 on one
-        # H100, 1.34x / 1.45x a standard step fused against 1.29x / 1.32x plain (attnres / delta
-        # block), and 1.12x / 1.22x fused at 124M (docs/performance.md)
-        auto = e.is_cuda and (self.S == 1 or e.size(-1) >= 768)
+        # 'auto': on CUDA, every form. At 12 x 512 on one H100, the same machine: attnres / delta
+        # block 1.13x / 1.22x a standard step fused, 1.28x / 1.30x plain, and half the warm-up. (With
+        # the earlier kernels, on a host with a slower CPU, plain was ahead at that width: a step
+        # that short can wait on the op's Python, two calls a sublayer; docs/performance.md)
+        auto = e.is_cuda
         return self.probe is None and (self.impl == 'fused' or (self.impl == 'auto' and auto))
 
     def start(self, e):
@@ -166,7 +166,8 @@ class Router:
         # backward: (R, M, d) read-output gradients, and each source's logit gradients over its
         # rms (n, R, M), allocated by the first read backward; then the queries' gradient (R, d)
         self.G = self.Dl = self.dW = None
-        self.grid, self.BD = (-(-M // BM),), 1 << (d - 1).bit_length()  # programs; d to a power of 2
+        self.BD = 1 << (d - 1).bit_length()  # d to a power of 2
+        self.grid, self.warps = (-(-M // BM),), max(1, self.BD // 1024)  # programs, warps (see BM)
         self.plan = plan
 
 # --------------------------------------------------------------------------------------------------
@@ -358,7 +359,7 @@ def add_source(ro, v, W, slot, r0, r1):
     if use_triton(v):
         v = v.contiguous()
         _add_source_kernel[ro.grid](v, W, ro.V[slot], ro.Lg[slot], r0, r1, M, d, EPS, BM=BM,
-                                    BD=ro.BD, num_warps=WARPS)
+                                    BD=ro.BD, num_warps=ro.warps)
     else:
         ro.V[slot] = v
         ro.Lg[slot, r0:r1] = source_logits(v, W[r0:r1], EPS).t()
@@ -387,7 +388,7 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
             ro.ssum, M, d, ro.Lg.size(1), EPS, NEW=new, CONT=new and plan.cont[slot],
             KEEP=new and plan.keep[slot], HAS_BASE=base is not None,
             HAS_GAMMA=gamma is not None, NP=triton.next_power_of_2(table.numel()), BM=BM,
-            BD=ro.BD, num_warps=WARPS)
+            BD=ro.BD, num_warps=ro.warps)
         return h, mix
     if new:
         p = wide(v) + ro.P if plan.cont[slot] else wide(v)        # (M, d)
@@ -434,7 +435,7 @@ def read_grad(ro, W, r, slot, gh, mix, gamma, v_dtype):
             dummy if ro.P is None else ro.P, dummy if dv is None else dv, ro.Dl, max(slot, 0), r,
             r1, M, d, ro.Lg.size(1), EPS,
             NEW=new, ADD_DP=new and plan.keep[slot], STORE_DP=new and plan.cont[slot],
-            HAS_GAMMA=gamma is not None, BM=BM, BD=ro.BD, num_warps=WARPS)
+            HAS_GAMMA=gamma is not None, BM=BM, BD=ro.BD, num_warps=ro.warps)
     else:
         ch[:] = (wide(gh) * wide(mix)).sum(-1)
         ro.G[r] = gh if gamma is None else gamma * gh
@@ -463,7 +464,7 @@ def source_grad(ro, W, i, r0, r1):
         dv = ro.V.new_empty((M, d), dtype=acc)
         _source_grad_kernel[ro.grid](
             ro.V[i], ro.G, ro.Lg[i], ro.mmax, ro.ssum, ro.c, W, r0, r1, dv, ro.Dl[i], M, d,
-            EPS, BM=BM, BD=ro.BD, num_warps=WARPS)
+            EPS, BM=BM, BD=ro.BD, num_warps=ro.warps)
         return dv
     # the matmul and einsums in fp32 (or fp64)
     with torch.autocast(ro.V.device.type, enabled=False):
@@ -478,13 +479,15 @@ def source_grad(ro, W, i, r0, r1):
     return dv
 
 
-# Tokens per program, and warps: one warp holds two tokens' rows, so a row's sums (g . v, a key's
-# RMS) stay inside the warp, with no barrier between warps at every read; and D is a compile-time
-# constant, so the padding (768 of 1024 columns) takes no registers. The backward kernels fit more
-# warps on an SM that way (176-182 registers a thread for 64 elements, against 160-217 for 32 at
-# 4 tokens x 4 warps with D a runtime value). The routing kernels of a step at GPT-2 124M on an
-# H100, full AttnRes / Delta: 14.1 / 13.7 ms at 4 x 4, 9.4 / 9.5 ms at 2 x 1 (docs/performance.md)
-BM, WARPS = 2, 1
+# Tokens a program: one, on a warp per 1024 columns (so 32 elements a thread in each (1, BD) tile).
+# Up to 1024 wide a row's sums (g . v, a key's RMS) stay inside the warp, with no barrier between
+# warps at every read; and D is a compile-time constant, so the padding (768 of 1024 columns) takes
+# no registers. The backward kernels hold 96 registers a thread at 768 wide (128 at 1024), against
+# 160-217 with 4 tokens on 4 warps and D a runtime value: 3-5x more warps fit on an SM, keeping more
+# loads in flight. The routing kernels of a step at GPT-2 124M on an H100 (full AttnRes / Delta):
+# 14.1 / 13.7 ms at 4 tokens x 4 warps, 9.4 / 9.6 ms now; two tokens a warp were 1% faster at 768
+# wide, 3% slower at 512, and need 255 registers at 1024 (docs/performance.md)
+BM = 1
 
 if triton is not None:
     @triton.jit
