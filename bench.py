@@ -225,12 +225,18 @@ def main(argv=None):
         print(f'{torch.cuda.get_device_name(device)}, torch {torch.__version__}, '
               f'peak {peak_flops(device) or float("nan"):.3g} FLOP/s')
     rows = []
+    result = dict(device=(torch.cuda.get_device_name(device) if device.type == 'cuda'
+                          else device.type),
+                  torch=torch.__version__, date=time.strftime('%Y-%m-%d'), config=cfg,
+                  variants=rows)
     for name in cfg['variants'].split(','):
         rows.append(bench_variant(name, cfg, device))
         r = rows[-1]
         print(f'{name}: {r["ms_per_step"]:.1f} ms/step (warm-up {r["warmup_s"]:.0f} s)', flush=True)
         if device.type == 'cuda':  # give the memory back, so the next variant's peak is its own
             torch.cuda.empty_cache()
+        with open(cfg['json'], 'w') as f:  # so far: a run cut short still leaves its measurements
+            json.dump(result, f, indent=1)
     base = next((r for r in rows if r['variant'] == 'standard'), None)
     fmt = lambda v, f: '-' if v is None else format(v, f)
     print('\n| variant | ms/step | tok/s | MFU | peak mem (MB) | step vs standard '
@@ -245,10 +251,6 @@ def main(argv=None):
               f'{fmt(r["peak_mem_mb"], ",.0f")} | {fmt(r["step_ratio"], ".2f")}x | '
               f'{fmt(r["mem_ratio"], ".2f")}{"x" if r["mem_ratio"] else ""} | '
               f'{r["warmup_s"]:.0f} |')
-    result = dict(device=(torch.cuda.get_device_name(device) if device.type == 'cuda'
-                          else device.type),
-                  torch=torch.__version__, date=time.strftime('%Y-%m-%d'), config=cfg,
-                  variants=rows)
     if cfg['route_steps'] > 0:
         rt = result['routing'] = bench_routing(cfg, device)
         print(f'\nrouting of a whole {rt["variant"]} stream ({rt["impl"]}), '
