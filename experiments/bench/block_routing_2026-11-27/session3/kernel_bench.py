@@ -1,5 +1,9 @@
-# Per-kernel timing of the fused routing (old vs new route.py), 124M shapes, bf16 sources.
-# usage: python .exp/s25/kb.py OUT.json [variants] [sweep]
+# The routing kernels of one step, each call's kernel time (torch profiler), the sublayer outputs fixed, bf16
+# sources: fast/route.py against an earlier copy of it. Made h100_routing_kernels_*.json at commit c5a6f04
+# (BM and WARPS were module constants there; later the warps follow the width), from the repository's root:
+#   git show b1829fc:fast/route.py > /tmp/route_old.py
+#   SHAPE=16,1024,12,768 python experiments/bench/block_routing_2026-11-27/session3/kernel_bench.py \
+#       OUT.json attnres,delta,attnres_block,delta_block sweep /tmp/route_old.py
 import sys, json, importlib.util, time
 sys.path.insert(0, '.')
 import torch
@@ -7,13 +11,14 @@ import cli
 from cli import VARIANTS
 from model import GPT, GPTConfig
 from fast import route as new
-spec = importlib.util.spec_from_file_location('route_old', '.exp/s25/route_old.py')
+spec = importlib.util.spec_from_file_location('route_old', sys.argv[4])
 old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
 
 out = sys.argv[1]
 variants = (sys.argv[2] if len(sys.argv) > 2 else 'attnres,delta,attnres_block,delta_block').split(',')
 sweep = len(sys.argv) > 3 and sys.argv[3] == 'sweep'
-B, T, L, d = 16, 1024, 12, 768
+import os
+B, T, L, d = (int(x) for x in os.environ.get('SHAPE', '16,1024,12,768').split(','))
 dev, bf = 'cuda', torch.bfloat16
 if not torch.cuda.is_available():  # a dry run of the script on the CPU (TRITON_INTERPRET=1)
     B, T, L, d, dev = 1, 8, 2, 24, 'cpu'
@@ -36,7 +41,7 @@ def timeit(fn, reps=5):
 def measure(mod, v, BM=4, WARPS=4):
     mod.BM, mod.WARPS = BM, WARPS
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=L, n_head=12, n_embd=d, **VARIANTS[v])).to(dev)
+    model = GPT(GPTConfig(n_layer=L, n_head=d // 64, n_embd=d, **VARIANTS[v])).to(dev)
     cli.fast_paths(model, 'fused')
     st = model.stream
     plan = new.PLANS[st.key]
@@ -87,7 +92,7 @@ ms = timeit(lambda: y.copy_(x))
 copy = 2 * x.numel() / ms / 1e6
 print(f'{dev} torch {torch.__version__} copy {copy:.0f} GB/s', flush=True)
 res.append(dict(copy_gb_per_s=copy, device=dev, torch=torch.__version__, date=time.strftime('%Y-%m-%d')))
-CFGS = [(4, 4), (2, 2), (1, 1), (2, 1)] if sweep else [(4, 4)]
+CFGS = [(4, 4), (2, 2), (1, 1), (2, 1)] if sweep else [(2, 1), (1, 1)]
 for v in variants:
     m = measure(old, v); m['impl'] = 'old'; res.append(m)
     print(f"{v} old 4x4: total {m['total_ms']:.2f} ms (read {m['read_ms']:.2f}, read_grad {m['read_grad_ms']:.2f}, source_grad {m['source_grad_ms']:.2f}) {m['gb_per_s']:.0f} GB/s", flush=True)
