@@ -84,12 +84,11 @@ class FusedRouted(Routed):
         self.key = OPS.register(self, Plan(self.ranges, self.visible, others, R, S))
 
     def fused(self, e):
-        # 'auto': on CUDA, every form. At 12 x 512 on one H100, the same machine: attnres / delta
-        # block 1.13x / 1.22x a standard step fused, 1.28x / 1.30x plain, and half the warm-up. (With
-        # the earlier kernels, on a host with a slower CPU, plain was ahead at that width: a step
-        # that short can wait on the op's Python, two calls a sublayer; docs/performance.md)
-        auto = e.is_cuda
-        return self.probe is None and (self.impl == 'fused' or (self.impl == 'auto' and auto))
+        # 'auto': on CUDA, every form. At 12 x 512 on one H100: attnres / delta block 1.13x / 1.22x a
+        # standard step fused against 1.28x / 1.30x plain, with half the warm-up; on a machine with a
+        # slower CPU 1.28x / 1.51x fused against 1.29x plain (attnres block): a step that short can
+        # wait on the fused op's Python, two calls a sublayer (docs/performance.md)
+        return self.probe is None and (self.impl == 'fused' or (self.impl == 'auto' and e.is_cuda))
 
     def start(self, e):
         if not self.fused(e):
