@@ -482,8 +482,8 @@ def source_grad(ro, W, i, r0, r1):
 # Up to 1024 wide a row's sums (g . v, a key's RMS) stay inside the warp, with no barrier between
 # warps at every read; and D is a compile-time constant, so the padding (768 of 1024 columns) takes
 # no registers. The backward kernels hold 96 registers a thread at 768 wide (128 at 1024), against
-# 160-217 with 4 tokens on 4 warps and D a runtime value: 3-5x more warps fit on an SM, keeping more
-# loads in flight. The routing kernels of a step at GPT-2 124M on an H100 (full AttnRes / Delta):
+# 160-217 with 4 tokens on 4 warps and D a runtime value: 21 warps fit on an SM instead of 8-12,
+# keeping more loads in flight. The routing kernels of a step at GPT-2 124M on an H100 (full AttnRes / Delta):
 # 14.1 / 13.7 ms at 4 tokens x 4 warps, 9.4 / 9.6 ms now; two tokens a warp were 1% faster at 768
 # wide, 3% slower at 512, and need 255 registers at 1024 (docs/performance.md)
 BM = 1
