@@ -84,10 +84,10 @@ class FusedRouted(Routed):
         self.key = OPS.register(self, Plan(self.ranges, self.visible, others, R, S))
 
     def fused(self, e):
-        # 'auto': on CUDA, every form. At 12 x 512 on one H100: attnres / delta block 1.13x / 1.22x a
-        # standard step fused against 1.28x / 1.30x plain, with half the warm-up; on a machine with a
-        # slower CPU 1.28x / 1.51x fused against 1.29x plain (attnres block): a step that short can
-        # wait on the fused op's Python, two calls a sublayer (docs/performance.md)
+        # 'auto': on CUDA, every form. At 12 x 512 on one H100: attnres / delta block 1.13x /
+        # 1.22x a standard step fused against 1.28x / 1.30x plain, with half the warm-up; on a
+        # machine with a slower CPU 1.28x / 1.51x fused against 1.29x plain (attnres block): a step
+        # that short can wait on the fused op's Python, two calls a sublayer (docs/performance.md)
         return self.probe is None and (self.impl == 'fused' or (self.impl == 'auto' and e.is_cuda))
 
     def start(self, e):
@@ -483,9 +483,9 @@ def source_grad(ro, W, i, r0, r1):
 # warps at every read; and D is a compile-time constant, so the padding (768 of 1024 columns) takes
 # no registers. The backward kernels hold 96 registers a thread at 768 wide (128 at 1024), against
 # 160-217 with 4 tokens on 4 warps and D a runtime value: 21 warps fit on an SM instead of 8-12,
-# keeping more loads in flight. The routing kernels of a step at GPT-2 124M on an H100 (full AttnRes / Delta):
-# 14.1 / 13.7 ms at 4 tokens x 4 warps, 9.4 / 9.6 ms now; two tokens a warp were 1% faster at 768
-# wide, 3% slower at 512, and need 255 registers at 1024 (docs/performance.md)
+# keeping more loads in flight. The routing kernels of a step at GPT-2 124M on an H100 (full
+# AttnRes / Delta): 14.1 / 13.7 ms at 4 tokens x 4 warps, 9.4 / 9.6 ms now; two tokens a warp were
+# 1% faster at 768 wide, 3% slower at 512, and need 255 registers at 1024 (docs/performance.md)
 BM = 1
 
 if triton is not None:
@@ -528,7 +528,7 @@ if triton is not None:
                               tl.load(MMAX + q, mask=more, other=0.0))
             s_next, c_next = (tl.load(SSUM + q, mask=more, other=1.0),
                               tl.load(C + q, mask=more, other=0.0))
-            dl = a * (tl.sum(g * v.to(tl.float32), 1) - c)
+            dl = a * (tl.sum(g * v, 1) - c)
             acc += a[:, None] * g
             sdl += dl * lg
             tl.store(DLR + r * M + rows, dl * rinv, mask=rmask)
@@ -551,7 +551,7 @@ if triton is not None:
             w_next = tl.load(W + (r + 1) * D + cols, mask=cmask & (cols * 0 + r + 1 < r1),
                              other=0.0)
             acc += dl[:, None] * w[None, :]
-        return acc - (sdl * rinv * rinv / D)[:, None] * v.to(tl.float32)
+        return acc - (sdl * rinv * rinv / D)[:, None] * v
 
     @triton.jit
     def _add_source_kernel(v_ptr, W, V, Lg, r0, r1, M, D: tl.constexpr, eps, BM: tl.constexpr,
@@ -588,11 +588,12 @@ if triton is not None:
             # takes the other sources, so that the backward's c_r = g_r . mix_r is sum_i a_i g_r . v_i
             # over the v_i it reads (see _read_grad_kernel)
             rinv = tl.rsqrt(tl.sum(p * p, 1) / D + eps)
-            for rr in range(r, r1):  # its logits against every read that will see it
+            wr = tl.load(W + r * D + cols, mask=cmask, other=0.0).to(tl.float32)
+            m = tl.sum(p * wr[None, :], 1) * rinv  # its logit against this read
+            tl.store(LN + r * M + rows, m, mask=rmask)
+            for rr in range(r + 1, r1):  # and against every later read that will see it
                 wr = tl.load(W + rr * D + cols, mask=cmask, other=0.0).to(tl.float32)
                 tl.store(LN + rr * M + rows, tl.sum(p * wr[None, :], 1) * rinv, mask=rmask)
-            wr = tl.load(W + r * D + cols, mask=cmask, other=0.0).to(tl.float32)
-            m = tl.sum(p * wr[None, :], 1) * rinv
             p = p.to(VN.dtype.element_ty).to(tl.float32)
         l_new = m
         # the softmax max first, over the other sources' logits in one (NP, BM) gather: their loads
@@ -654,12 +655,12 @@ if triton is not None:
         tl.store(C + q, c, mask=rmask)
         if NEW:
             # the new source's gradient, as _source_grad_kernel, with read r's g from registers
-            v = tl.load(VN + offs, mask=mask, other=0.0)  # as stored: half the registers of fp32
-            rinv = tl.rsqrt(tl.sum(v.to(tl.float32) * v.to(tl.float32), 1) / D + eps)
+            v = tl.load(VN + offs, mask=mask, other=0.0).to(tl.float32)
+            rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
             lg = tl.load(LN + q, mask=rmask, other=0.0)
             a = (tl.exp(lg - tl.load(MMAX + q, mask=rmask))
                  / tl.load(SSUM + q, mask=rmask, other=1.0))
-            dl = a * (tl.sum(g * v.to(tl.float32), 1) - c)
+            dl = a * (tl.sum(g * v, 1) - c)
             DLR = DL + slot * R * M  # this slot's rows of DL, from read r on
             tl.store(DLR + q, dl * rinv, mask=rmask)
             # then a finished block's later reads, each gradient once
@@ -677,8 +678,8 @@ if triton is not None:
                             BM: tl.constexpr, BD: tl.constexpr):
         rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
         # V, Lg, DLR: source i's (M, D) values, (R, M) logits and logit gradients
-        v = tl.load(V + offs, mask=mask, other=0.0)  # as stored: half the registers of fp32
-        rinv = tl.rsqrt(tl.sum(v.to(tl.float32) * v.to(tl.float32), 1) / D + eps)
+        v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
+        rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
         # pass 1 streams the reads' gradients (the bytes that matter): sum_r a_r g_r and each dl_r
         acc, sdl = _grad_sum(v, rinv, tl.zeros([BM, BD], tl.float32), tl.zeros([BM], tl.float32), G,
                              Lg, MMAX, SSUM, C, DLR, r0, r1, rows, rmask, mask, offs, M, D)
