@@ -38,6 +38,22 @@ def test_bench_table_and_json(tmp_path, capsys):
     assert (fused['pairs'], fused['impl']) == (20, 'fused')
 
 
+def test_bench_json_keeps_the_variants_measured_before_a_crash(tmp_path, monkeypatch):
+    """The JSON is written after every variant: a run cut short (a time limit, a later variant failing) still
+    leaves what it measured."""
+    out, real = tmp_path / 'b.json', bench.bench_variant
+
+    def bench_variant(name, cfg, device):
+        if name == 'delta':
+            raise RuntimeError('out of memory')
+        return real(name, cfg, device)
+    monkeypatch.setattr(bench, 'bench_variant', bench_variant)
+    with pytest.raises(RuntimeError):
+        bench.main(TINY + ['--variants=standard,delta', '--route_steps=0', f'--json={out}'])
+    saved = json.loads(out.read_text())
+    assert [r['variant'] for r in saved['variants']] == ['standard'] and saved['variants'][0]['ms_per_step'] > 0
+
+
 def test_bench_profile(tmp_path):
     """--profile=True writes each variant's profile table next to the JSON; the GPU's busy time a step
     (gpu_ms_per_step) is measured on CUDA only."""
