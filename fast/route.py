@@ -81,7 +81,7 @@ class FusedRouted(Routed):
                                                    dtype=torch.int32), persistent=False)
         # the ops find this stream's plan and its latest Router by this key (ints pass through
         # the compiler)
-        self.key = OPS.register(self, Plan(self.ranges, self.visible, others, R, S))
+        self.key = OPS.register(self, Plan(self.ranges, self.visible, others, R, S, additive))
 
     def fused(self, e):
         # 'auto': on CUDA, every form. At 12 x 512 on one H100: attnres / delta block 1.13x /
@@ -134,13 +134,22 @@ class FusedRouted(Routed):
         return self._read(st, self.n_reads - 1, None, None)
 
 
+REMIX = 4
+
+
 class Plan:
     """A stream's slots and reads, and the Router of its latest forward pass (one forward at a time:
     the backward of a step must run before the next step's forward, as in training)."""
 
-    def __init__(self, ranges, visible, others, n_reads, S):
+    def __init__(self, ranges, visible, others, n_reads, S, additive):
         self.ranges, self.visible, self.others, self.n_reads = ranges, visible, others, n_reads
         n = len(ranges)
+        # keep_mix[r]: Delta's read r keeps its mix (fp32) for the backward's c_r = g_r . mix_r;
+        # else the backward makes it again from the sources, as the forward did (remix). Kept only
+        # where it sees more than REMIX other sources: recomputed, the mix costs n bf16 loads an
+        # element (2n bytes), kept 8 (4 written, 4 read) and 4 bytes an element of memory until the
+        # backward (1.2 GB a step at 124M, B=16: all of delta block's memory above attnres block's)
+        self.keep_mix = [additive and len(o) > REMIX for o in others]
         # slot j >= 1 is p_{j-1}, the running sum of its block after sublayer j - 1's write:
         # cont, p = P + out (sublayer j - 1 continues a block) or p = out (it starts one);
         # keep, P = p is kept for the next slot, which continues the same block
@@ -224,8 +233,8 @@ OPS = Ops('fastroute', [
     ' -> (Tensor, Tensor)',
     'read(Tensor token, Tensor? v, Tensor W, Tensor? base, Tensor? gamma, Tensor slots, int key,'
     ' int slot, int r, SymInt[] shape, ScalarType dtype) -> (Tensor, Tensor, Tensor)',
-    'read_backward(Tensor g_token, Tensor g_h, Tensor mix, Tensor? gamma, Tensor W, int key,'
-    ' int slot, int r, SymInt[] shape, ScalarType v_dtype) -> (Tensor, Tensor, Tensor)'])
+    'read_backward(Tensor g_token, Tensor g_h, Tensor mix, Tensor? gamma, Tensor W, Tensor slots,'
+    ' int key, int slot, int r, SymInt[] shape, ScalarType v_dtype) -> (Tensor, Tensor, Tensor)'])
 PLANS = OPS.registry
 impl, fake = OPS.impl, OPS.fake
 
@@ -252,8 +261,8 @@ def start_backward_op(g_token, W, key, shape, e_dtype):
 @impl('read')
 def read_op(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
     """Adds v (the last write's output, if any) to its block's running sum, registers the sum in
-    `slot`, then routed read r: h = mix (AttnRes) or base + gamma * mix (Delta), and (Delta) the mix
-    in fp32, for the backward."""
+    `slot`, then routed read r: h = mix (AttnRes) or base + gamma * mix (Delta), and (Delta, where
+    the plan keeps it) the mix in fp32, for the backward; else an empty tensor."""
     ro = PLANS[key].router
     h, mix = read_mix(ro, r, slots, None if v is None else v.reshape(-1, v.size(-1)), W, slot,
                       base, gamma)
@@ -262,7 +271,7 @@ def read_op(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
 
 
 @impl('read_backward')
-def read_backward_op(g_token, g_h, mix, gamma, W, key, slot, r, shape, v_dtype):
+def read_backward_op(g_token, g_h, mix, gamma, W, slots, key, slot, r, shape, v_dtype):
     """Leaves g_r = gamma dL/dh and c_r = g_r . mix in the Router, then (if the read registered a
     source) that source's whole gradient: every read that saw it has run its backward by now. The
     block's running sum passes it on: dL/dout of the write that made the source is the gradient of
@@ -273,7 +282,8 @@ def read_backward_op(g_token, g_h, mix, gamma, W, key, slot, r, shape, v_dtype):
         ro.G = ro.V.new_empty((ro.plan.n_reads,) + ro.V.shape[1:])
         ro.Dl = torch.zeros_like(ro.Lg)
     d = g_h.size(-1)
-    ch, dv = read_grad(ro, W, r, slot, g_h.reshape(-1, d), mix.reshape(-1, d), gamma, v_dtype)
+    mix = mix.reshape(-1, d) if mix.numel() else None  # None: made again from the sources
+    ch, dv = read_grad(ro, W, r, slot, g_h.reshape(-1, d), mix, gamma, slots, v_dtype)
     dv = g_h.new_empty(0, dtype=v_dtype) if dv is None else dv.view(shape)
     return ch, dv, g_token.new_empty(())
 
@@ -300,12 +310,13 @@ def _(g_token, W, key, shape, e_dtype):
 
 @fake('read')
 def _(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
-    mix = token.new_empty((math.prod(shape[:-1]), shape[-1]) if base is not None else (0,))
+    keep = base is not None and PLANS[key].keep_mix[r]
+    mix = token.new_empty((math.prod(shape[:-1]), shape[-1]) if keep else (0,))
     return token.new_empty(shape), mix, token.new_empty(())
 
 
 @fake('read_backward')
-def _(g_token, g_h, mix, gamma, W, key, slot, r, shape, v_dtype):
+def _(g_token, g_h, mix, gamma, W, slots, key, slot, r, shape, v_dtype):
     dv = g_token.new_empty(shape if slot >= 0 else (0,), dtype=v_dtype)
     return g_token.new_empty(g_h.numel() // g_h.size(-1)), dv, g_token.new_empty(())
 
@@ -327,13 +338,15 @@ def _read_setup(ctx, inputs, output):
     h, mix, _ = output
     ctx.key, ctx.slot, ctx.r, ctx.shape, ctx.has_base = key, slot, r, shape, base is not None
     ctx.v_dtype = v.dtype if v is not None else dtype
-    ctx.save_for_backward(mix if base is not None else h, gamma, W)  # AttnRes: h is the mix
+    # AttnRes: h is the mix; Delta: the mix, or an empty tensor where the backward remakes it
+    ctx.save_for_backward(mix if base is not None else h, gamma, W, slots)
 
 
 def _read_backward(ctx, g_h, g_mix, g_token):
-    mix, gamma, W = ctx.saved_tensors
-    ch, dv, g_token = torch.ops.fastroute.read_backward(g_token, g_h, mix, gamma, W, ctx.key,
-                                                        ctx.slot, ctx.r, ctx.shape, ctx.v_dtype)
+    mix, gamma, W, slots = ctx.saved_tensors
+    ch, dv, g_token = torch.ops.fastroute.read_backward(g_token, g_h, mix, gamma, W, slots,
+                                                        ctx.key, ctx.slot, ctx.r, ctx.shape,
+                                                        ctx.v_dtype)
     dgamma = None if gamma is None else ch.sum().to(gamma.dtype)
     dv = dv if ctx.slot >= 0 else None
     # W's gradient is returned once, by the start's backward; the token's carries the order
@@ -368,15 +381,17 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
     """Read r. First, if the last write's output v (M, d) is given, it is added to its block's
     running sum p (fp32, as Routed's partial), which becomes source `slot`, with its logits against
     the reads that will see it. Then the mixture of every source read r sees; its softmax max and
-    sum are kept for the backward. Returns h (M, d) and, for Delta, the mix (AttnRes: None, h is the
-    mix), both in fp32: the backward's c_r = g_r . mix must be sum_i a_i g_r . v_i to fp32 precision
-    (read_grad), and the mix takes each source as stored, the new one too."""
+    sum are kept for the backward. Returns h (M, d) and, for Delta where the plan keeps it, the mix
+    (else None; AttnRes: h is the mix), both in fp32: the backward's c_r = g_r . mix must be
+    sum_i a_i g_r . v_i to fp32 precision (read_grad), and the mix takes each source as stored, the
+    new one too."""
     plan = ro.plan
     M, d = ro.V.shape[1:]
     acc = ro.Lg.dtype
     new = slot >= 0
     h = ro.V.new_empty((M, d), dtype=acc)
-    mix = None if base is None else ro.V.new_empty((M, d), dtype=acc)
+    keep = base is not None and plan.keep_mix[r]
+    mix = ro.V.new_empty((M, d), dtype=acc) if keep else None
     if use_triton(h):
         dummy = h  # unused pointer arguments
         _read_kernel[ro.grid](
@@ -385,7 +400,7 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
             plan.ranges[slot][1] if new else r, dummy if base is None else base.contiguous(),
             dummy if gamma is None else gamma, h, dummy if mix is None else mix, ro.mmax,
             ro.ssum, M, d, ro.Lg.size(1), EPS, NEW=new, CONT=new and plan.cont[slot],
-            KEEP=new and plan.keep[slot], HAS_BASE=base is not None,
+            KEEP=new and plan.keep[slot], HAS_BASE=base is not None, STORE_MIX=keep,
             HAS_GAMMA=gamma is not None, NP=triton.next_power_of_2(table.numel()), BM=BM,
             BD=ro.BD, num_warps=ro.warps)
         return h, mix
@@ -396,29 +411,36 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
         ro.V[slot] = p
         r0, r1 = plan.ranges[slot]
         ro.Lg[slot, r0:r1] = source_logits(p, W[r0:r1], EPS).t()
-    slots = plan.visible[r]
-    lg = ro.Lg[slots, r]                                           # (n, M)
+    lg = ro.Lg[plan.visible[r], r]                                 # (n, M)
     ro.mmax[r] = lg.max(0).values
-    w = (lg - ro.mmax[r]).exp()
-    ro.ssum[r] = w.sum(0)
-    # every source as stored, the new one too (the backward's v_i): (n, M, d)
-    srcs = torch.stack([ro.V[i].to(acc) for i in slots])
-    with torch.autocast(h.device.type, enabled=False):  # einsum would run in the autocast dtype
-        h = torch.einsum('nm,nmd->md', w / ro.ssum[r], srcs)      # (n, M) weights -> (M, d)
+    ro.ssum[r] = (lg - ro.mmax[r]).exp().sum(0)
+    h = remix(ro, r)
     if base is not None:
-        mix[:] = h
+        if keep:
+            mix[:] = h
         h = base.reshape(M, d) + (h if gamma is None else gamma * h)
     return h, mix
 
 
-def read_grad(ro, W, r, slot, gh, mix, gamma, v_dtype):
+def remix(ro, r):
+    """Read r's mix (M, d) in fp32 from the sources as stored and its softmax statistics: the
+    forward's, and Delta's backward where the plan does not keep the mix."""
+    slots = ro.plan.visible[r]
+    a = (ro.Lg[slots, r] - ro.mmax[r]).exp() / ro.ssum[r]          # (n, M)
+    # every source as stored, the new one too (the backward's v_i): (n, M, d)
+    srcs = torch.stack([ro.V[i].to(a.dtype) for i in slots])
+    with torch.autocast(srcs.device.type, enabled=False):  # einsum would run in the autocast dtype
+        return torch.einsum('nm,nmd->md', a, srcs)
+
+
+def read_grad(ro, W, r, slot, gh, mix, gamma, table, v_dtype):
     """Read r's backward. G[r] = gamma dL/dh (stored) and c[r] = G[r] . mix (from the stored G[r],
     so that in each source's dl_r = a_r (G[r] . v - c[r]), two near-equal terms where the softmax is
     sharp, the rounding of G[r] cancels) are left for the sources' own backward; then, if read r
     registered source `slot`, every read that saw it has left its G and c, and the source's gradient
     follows (source_grad). The block's running sum passes it down: with p_s = p_{s-1} + out_s,
-    dL/dout_s = dL/dp_s, and dL/dp_{s-1} adds it to its own (P holds it between the two). Returns
-    dL/dh . mix per token (M,) and dL/dout (M, d) or None."""
+    dL/dout_s = dL/dp_s, and dL/dp_{s-1} adds it to its own (P holds it between the two). mix None:
+    made again (remix). Returns dL/dh . mix per token (M,) and dL/dout (M, d) or None."""
     plan = ro.plan
     M, d = gh.shape
     acc = ro.c.dtype
@@ -429,13 +451,16 @@ def read_grad(ro, W, r, slot, gh, mix, gamma, v_dtype):
         dv = ro.V.new_empty((M, d), dtype=v_dtype) if new else None
         dummy = ch  # unused pointer arguments
         _read_grad_kernel[ro.grid](
-            gh.contiguous(), mix, dummy if gamma is None else gamma, ro.G, ro.c, ch,
-            ro.V[max(slot, 0)], ro.Lg[max(slot, 0)], ro.mmax, ro.ssum, W,
-            dummy if ro.P is None else ro.P, dummy if dv is None else dv, ro.Dl, max(slot, 0), r,
-            r1, M, d, ro.Lg.size(1), EPS,
-            NEW=new, ADD_DP=new and plan.keep[slot], STORE_DP=new and plan.cont[slot],
-            HAS_GAMMA=gamma is not None, BM=BM, BD=ro.BD, num_warps=ro.warps)
+            gh.contiguous(), dummy if mix is None else mix, dummy if gamma is None else gamma, ro.G,
+            ro.c, ch, ro.V, ro.Lg, table, len(plan.others[r]), ro.V[max(slot, 0)],
+            ro.Lg[max(slot, 0)], ro.mmax, ro.ssum, W, dummy if ro.P is None else ro.P,
+            dummy if dv is None else dv, ro.Dl, max(slot, 0), r, r1, M, d, ro.Lg.size(1), EPS,
+            NEW=new, REMIX=mix is None, ADD_DP=new and plan.keep[slot],
+            STORE_DP=new and plan.cont[slot], HAS_GAMMA=gamma is not None, BM=BM, BD=ro.BD,
+            num_warps=ro.warps)
     else:
+        if mix is None:
+            mix = remix(ro, r)
         ch[:] = (wide(gh) * wide(mix)).sum(-1)
         ro.G[r] = gh if gamma is None else gamma * gh
         ro.c[r] = (wide(ro.G[r]) * wide(mix)).sum(-1)
@@ -554,6 +579,27 @@ if triton is not None:
         return acc - (sdl * rinv * rinv / D)[:, None] * v
 
     @triton.jit
+    def _mix_others(V, Lg, slots, n, r, m, s, acc, rows, rmask, mask, offs, M, D, R):
+        """Adds read r's n other sources (their slots in `slots`, a row of the padded table) to the
+        softmax's sum s and the weighted sum acc, with weights exp(l - m): each source read once, the
+        next one's values and logit loaded before this one's math (software pipelining)."""
+        sl = tl.load(slots).to(tl.int64)
+        x_next = tl.load(V + sl * M * D + offs, mask=mask, other=0.0)
+        l_next = tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0)
+        for i in range(n):
+            x, w = x_next, tl.exp(l_next - m)
+            # (rows * 0 + ...: a vector condition, which the interpreter accepts in a mask as
+            # the compiler does)
+            more = rmask & (rows * 0 + i + 1 < n)
+            # the table's padding makes slots[n] a valid slot
+            sl = tl.load(slots + i + 1).to(tl.int64)
+            x_next = tl.load(V + sl * M * D + offs, mask=mask & more[:, None], other=0.0)
+            l_next = tl.load(Lg + (sl * R + r) * M + rows, mask=more, other=0.0)
+            s += w
+            acc += w[:, None] * x.to(tl.float32)
+        return acc, s
+
+    @triton.jit
     def _add_source_kernel(v_ptr, W, V, Lg, r0, r1, M, D: tl.constexpr, eps, BM: tl.constexpr,
                            BD: tl.constexpr):
         # V, Lg: this slot's (M, D) source and (R, M) logits
@@ -569,8 +615,9 @@ if triton is not None:
     @triton.jit
     def _read_kernel(V, Lg, slots, n, r, OUT, P, W, VN, LN, r1, base, gamma, H, MIX, MMAX, SSUM,
                      M, D: tl.constexpr, R, eps, NEW: tl.constexpr, CONT: tl.constexpr,
-                     KEEP: tl.constexpr, HAS_BASE: tl.constexpr, HAS_GAMMA: tl.constexpr,
-                     NP: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+                     KEEP: tl.constexpr, HAS_BASE: tl.constexpr, STORE_MIX: tl.constexpr,
+                     HAS_GAMMA: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr,
+                     BD: tl.constexpr):
         # V, Lg: every slot's (M, D) source and (R, M) logits; VN, LN: the new slot's; slots: the
         # n other sources' slots (a row of the padded table, at most NP wide)
         rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
@@ -605,42 +652,45 @@ if triton is not None:
                      mask=(ii < n)[:, None] & rmask[None, :], other=float('-inf'))
         m = tl.maximum(m, tl.max(lg, 0))
         s = tl.exp(l_new - m)
-        acc = s[:, None] * p
-        # the next source's values and logit are loaded before this one's math (software pipelining)
-        sl = tl.load(slots).to(tl.int64)
-        x_next = tl.load(V + sl * M * D + offs, mask=mask, other=0.0)
-        l_next = tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0)
-        for i in range(n):  # each other source is read once
-            x, w = x_next, tl.exp(l_next - m)
-            # (rows * 0 + ...: a vector condition, which the interpreter accepts in a mask as
-            # the compiler does)
-            more = rmask & (rows * 0 + i + 1 < n)
-            # the table's padding makes slots[n] a valid slot
-            sl = tl.load(slots + i + 1).to(tl.int64)
-            x_next = tl.load(V + sl * M * D + offs, mask=mask & more[:, None], other=0.0)
-            l_next = tl.load(Lg + (sl * R + r) * M + rows, mask=more, other=0.0)
-            s += w
-            acc += w[:, None] * x.to(tl.float32)
+        acc, s = _mix_others(V, Lg, slots, n, r, m, s, s[:, None] * p, rows, rmask, mask, offs, M,
+                             D, R)
         mix = acc / s[:, None]
         tl.store(MMAX + r * M + rows, m, mask=rmask)  # this read's row of the (R, M) statistics
         tl.store(SSUM + r * M + rows, s, mask=rmask)
         if HAS_BASE:
-            tl.store(MIX + offs, mix, mask=mask)
+            if STORE_MIX:
+                tl.store(MIX + offs, mix, mask=mask)
             if HAS_GAMMA:
                 mix = mix * tl.load(gamma)
             mix += tl.load(base + offs, mask=mask, other=0.0)
         tl.store(H + offs, mix, mask=mask)
 
     @triton.jit
-    def _read_grad_kernel(GH, MIX, gamma, G, C, CH, VN, LN, MMAX, SSUM, W, P, DV, DL, slot, r, r1,
-                          M, D: tl.constexpr, R, eps, NEW: tl.constexpr, ADD_DP: tl.constexpr,
-                          STORE_DP: tl.constexpr, HAS_GAMMA: tl.constexpr, BM: tl.constexpr,
-                          BD: tl.constexpr):
+    def _read_grad_kernel(GH, MIX, gamma, G, C, CH, V, Lg, slots, n, VN, LN, MMAX, SSUM, W, P, DV,
+                          DL, slot, r, r1, M, D: tl.constexpr, R, eps, NEW: tl.constexpr,
+                          REMIX: tl.constexpr, ADD_DP: tl.constexpr, STORE_DP: tl.constexpr,
+                          HAS_GAMMA: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
         # G: the (R, M, D) read gradients; C, MMAX, SSUM: (R, M); VN, LN: the slot read r
-        # registered, its (M, D) source and (R, M) logits; DL: every slot's (R, M) logit gradients
+        # registered, its (M, D) source and (R, M) logits; DL: every slot's (R, M) logit gradients;
+        # V, Lg, slots, n: as _read_kernel's, to make the mix again (REMIX) where it was not kept
         rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
-        g = tl.load(GH + offs, mask=mask, other=0.0).to(tl.float32)
-        mix = tl.load(MIX + offs, mask=mask, other=0.0).to(tl.float32)
+        q = r * M + rows
+        if NEW:  # the source read r registered: in the mix, and its gradient is made below
+            v = tl.load(VN + offs, mask=mask, other=0.0).to(tl.float32)
+            lg = tl.load(LN + q, mask=rmask, other=0.0)
+        if REMIX:
+            # the mix as _read_kernel made it: the same sums in the same order, with its max and sum
+            m = tl.load(MMAX + q, mask=rmask, other=0.0)
+            ssum = tl.load(SSUM + q, mask=rmask, other=1.0)
+            acc = tl.zeros([BM, BD], tl.float32)
+            if NEW:
+                acc = tl.exp(lg - m)[:, None] * v
+            acc, _ = _mix_others(V, Lg, slots, n, r, m, m * 0, acc, rows, rmask, mask, offs, M, D,
+                                 R)
+            mix = acc / ssum[:, None]
+        else:
+            mix = tl.load(MIX + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(GH + offs, mask=mask, other=0.0).to(tl.float32)  # (after the mix: registers)
         tl.store(CH + rows, tl.sum(g * mix, 1), mask=rmask)
         if HAS_GAMMA:
             g = g * tl.load(gamma)
@@ -649,15 +699,12 @@ if triton is not None:
         # rounded values, the rounding cancels in it too
         g = g.to(G.dtype.element_ty).to(tl.float32)
         c = tl.sum(g * mix, 1)
-        q = r * M + rows
         gp = G + (r * M).to(tl.int64) * D + offs  # read r's gradient, for the sources' backward
         tl.store(gp, g, mask=mask)
         tl.store(C + q, c, mask=rmask)
         if NEW:
             # the new source's gradient, as _source_grad_kernel, with read r's g from registers
-            v = tl.load(VN + offs, mask=mask, other=0.0).to(tl.float32)
             rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
-            lg = tl.load(LN + q, mask=rmask, other=0.0)
             a = (tl.exp(lg - tl.load(MMAX + q, mask=rmask))
                  / tl.load(SSUM + q, mask=rmask, other=1.0))
             dl = a * (tl.sum(g * v, 1) - c)

@@ -105,6 +105,40 @@ def test_fused_plan_matches_the_source_counts():
         assert all(r0 < r1 <= stream.n_reads for r0, r1 in stream.ranges)
 
 
+@pytest.mark.parametrize('name', ['delta', 'delta_block4', 'delta_gate'])
+def test_fused_equals_plain_float64_with_every_mix_kept(name, monkeypatch):
+    """The other way of Delta's backward: each read's mix kept from the forward (REMIX = -1), where by
+    default these small models make every mix again but one (the next test)."""
+    monkeypatch.setattr(fastroute, 'REMIX', -1)
+    test_fused_equals_plain_float64(name)
+
+
+def test_delta_keeps_its_mix_only_where_remaking_it_reads_more(monkeypatch):
+    """Delta's backward needs each read's mix (c_r = g_r . mix_r). A read that sees at most REMIX other
+    sources keeps nothing and makes it again from them (fewer bytes than an fp32 mix stored and loaded
+    back); only a read that sees more keeps it, in fp32, (B * T, d). AttnRes keeps h, its output, anyway."""
+    def kept(remix, case='delta'):
+        monkeypatch.setattr(fastroute, 'REMIX', remix)
+        stream = build('fused', **CASES[case]).stream
+        e = torch.randn(2, 16, 32, requires_grad=True)
+        st, saved = stream.start(e), []
+        for s in range(6):
+            h = stream.read(st, s)
+            if h.grad_fn is not None and h is not st['x']:  # a routed read: its op's saved tensors
+                saved.append(h.grad_fn.saved_tensors[0].shape)
+            stream.write(st, s, torch.randn(2, 16, 32), h, None)
+        keep = fastroute.PLANS[stream.key].keep_mix
+        assert [r for r, shape in enumerate(saved) if shape == (32, 32)] == [r for r, k in enumerate(keep) if k]
+        return [r for r, k in enumerate(keep) if k]
+    # full Delta, 6 sublayers: read r (of sublayer r + 1) sees e and the outputs 0..r, r + 2 sources, one
+    # of them new (made by the read itself), so r + 1 others
+    assert kept(fastroute.REMIX) == [4] and fastroute.REMIX == 4
+    assert kept(0) == [0, 1, 2, 3, 4] and kept(100) == []
+    assert kept(0, 'delta_block4') == [0, 1, 2, 3, 4] and kept(4, 'delta_block4') == []
+    stream = build('fused', **CASES['attnres']).stream
+    assert not any(fastroute.PLANS[stream.key].keep_mix)
+
+
 def test_fused_falls_back_to_plain_off_cuda_and_while_probed():
     """'auto' routes with the plain code on CPU; routing.weights probes through the plain code too."""
     auto, plain = build('auto', **CASES['delta_block4']), build('plain', **CASES['delta_block4'])
@@ -167,7 +201,9 @@ import torch
 from fast import route as fastroute
 from tests.test_fastroute import build, loss_and_grads, rel_err, CASES
 assert fastroute.use_triton(torch.zeros(1))
-# 2 layers: 4 sublayers, so blocks of 3 end with a partial block
+# 2 layers: 4 sublayers, so blocks of 3 end with a partial block; with REMIX = 1, Delta's reads of more
+# than one other source keep their mix, the others make it again in the backward kernel
+fastroute.REMIX = 1
 for kw in (dict(residual='attnres', res_block=3), CASES['delta'], CASES['delta_block2_gate']):
     lp, gp = loss_and_grads(build('plain', n_layer=2, n_embd=24, **kw))
     lf, gf = loss_and_grads(build('fused', n_layer=2, n_embd=24, **kw))
