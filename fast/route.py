@@ -134,7 +134,7 @@ class FusedRouted(Routed):
         return self._read(st, self.n_reads - 1, None, None)
 
 
-REMIX = 4
+REMIX = 4  # a Delta read that sees at most this many other sources remakes its mix (Plan.keep_mix)
 
 
 class Plan:
@@ -148,7 +148,8 @@ class Plan:
         # else the backward makes it again from the sources, as the forward did (remix). Kept only
         # where it sees more than REMIX other sources: recomputed, the mix costs n bf16 loads an
         # element (2n bytes), kept 8 (4 written, 4 read) and 4 bytes an element of memory until the
-        # backward (1.2 GB a step at 124M, B=16: all of delta block's memory above attnres block's)
+        # backward: 1.16 GB a step at 124M, B=16, where delta block's peak memory went from 1.15x to
+        # 1.06x standard's without it (an H100, docs/performance.md)
         self.keep_mix = [additive and len(o) > REMIX for o in others]
         # slot j >= 1 is p_{j-1}, the running sum of its block after sublayer j - 1's write:
         # cont, p = P + out (sublayer j - 1 continues a block) or p = out (it starts one);
