@@ -72,7 +72,7 @@ class FusedDeepDelta(DeepDelta):
             return super().start(e)
         X = wide(super().start(e)['X'])  # (B, T, dv, d): e, or its embedding conv, in plain torch
         W = self.compress[0] if self.dv > 1 else None
-        x_in, token = torch.ops.fastddl.start(X, W, self.key)
+        x_in, token = ddl_start(X, W, self.key)
         return {'x_in': x_in, 'token': token}
 
     def read(self, st, s):
@@ -84,7 +84,7 @@ class FusedDeepDelta(DeepDelta):
         # the next read's compressor: the same layer's (s even), the next layer's, or the readout's
         W = self.compress[(s + 1) // 2] if self.dv > 1 else None
         ln = self.norms[s]
-        st['x_in'], _, st['token'] = torch.ops.fastddl.write(
+        st['x_in'], _, st['token'] = ddl_write(
             st['token'], out, c, h, self.w_b[s], self.b_b[s], self.w_v[s], self.b_v[s], W,
             ln.weight, ln.bias, self.key)
 
@@ -222,8 +222,8 @@ def _write_backward(ctx, g_xn, g_saved, g_token):
             None, None, None)
 
 
-OPS.autograd('start', _start_backward, _start_setup)
-OPS.autograd('write', _write_backward, _write_setup)
+ddl_start = OPS.autograd('start', _start_backward, _start_setup)
+ddl_write = OPS.autograd('write', _write_backward, _write_setup)
 
 # --------------------------------------------------------------------------------------------------
 # The two computations, each in torch (the definition) and in Triton (one pass over memory)

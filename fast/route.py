@@ -29,8 +29,9 @@ later read's backward has run and left its g_r in the Router (the buffers of one
 sources are not autograd inputs of the reads (the reads find them in the Router's buffer), so
 autograd never builds one gradient tensor per pair.
 
-The ops are registered with torch.library: torch.compile keeps each as one call in the model's graph
-(the tokens order them there too) and fuses everything around them. Kernels: Triton on CUDA (and on
+The ops are registered with torch.library, each with its backward as a torch.autograd.Function:
+torch.compile keeps each as one call in the model's graph (the tokens order them there too) and
+fuses everything around them. Kernels: Triton on CUDA (and on
 CPU under TRITON_INTERPRET=1, for tests); elsewhere the same arithmetic in torch.
 """
 
@@ -99,7 +100,7 @@ class FusedRouted(Routed):
         W = self.query * self.key_gain
         # 'new': the last write's output (slot, tensor), added to its block by the next read
         return {'x': e, 'W': W, 'dtype': dtype, 'new': None,
-                'token': torch.ops.fastroute.start(e, W, self.key, dtype)}
+                'token': route_start(e, W, self.key, dtype)}
 
     def read(self, st, s):
         if 'token' not in st:
@@ -112,9 +113,8 @@ class FusedRouted(Routed):
 
     def _read(self, st, r, base, gamma):
         slot, v = st['new'] or (-1, None)
-        h, _, st['token'] = torch.ops.fastroute.read(st['token'], v, st['W'], base, gamma,
-                                                     self.table[r], self.key, slot, r,
-                                                     list(st['x'].shape), st['dtype'])
+        h, _, st['token'] = route_read(st['token'], v, st['W'], base, gamma, self.table[r],
+                                       self.key, slot, r, list(st['x'].shape), st['dtype'])
         st['new'] = None
         return h
 
@@ -205,7 +205,7 @@ class Ops:
         self.ns, self.lib, self.registry = ns, ops.lib, ops.registry
 
     def impl(self, name):
-        """Decorator: the op's kernel, for every device (`autograd` registers its autograd)."""
+        """Decorator: the op's kernel, for every device (`autograd` gives it its backward)."""
         def register(fn):
             if self.first:
                 self.lib.impl(name, fn, 'CompositeExplicitAutograd')
@@ -224,8 +224,15 @@ class Ops:
         return key
 
     def autograd(self, name, backward, setup):
-        if self.first:
-            torch.library.register_autograd(f'{self.ns}::{name}', backward, setup_context=setup)
+        """The op with its backward, as a torch.autograd.Function (setup saves what the backward
+        needs, as register_autograd's setup_context does); returns its apply, which the streams
+        call. A Function, not torch.library.register_autograd: compiled, the graph then calls the op
+        below autograd, one call into Python where register_autograd's wrapper makes two."""
+        op = getattr(getattr(torch.ops, self.ns), name)
+        fn = type(name, (torch.autograd.Function,), dict(
+            forward=staticmethod(lambda *args: op(*args)), setup_context=staticmethod(setup),
+            backward=staticmethod(backward)))
+        return fn.apply
 
 
 OPS = Ops('fastroute', [
@@ -355,8 +362,8 @@ def _read_backward(ctx, g_h, g_mix, g_token):
             None, None, None, None, None, None)
 
 
-OPS.autograd('start', _start_backward, _start_setup)
-OPS.autograd('read', _read_backward, _read_setup)
+route_start = OPS.autograd('start', _start_backward, _start_setup)
+route_read = OPS.autograd('read', _read_backward, _read_setup)
 
 # --------------------------------------------------------------------------------------------------
 # The computations, each in torch (the definition) and in Triton (one pass over memory)
