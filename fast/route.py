@@ -683,16 +683,17 @@ if triton is not None:
         # V, Lg, slots, n: as _read_kernel's, to make the mix again (REMIX) where it was not kept
         rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
         q = r * M + rows
-        if NEW:  # the source read r registered: in the mix, and its gradient is made below
-            v = tl.load(VN + offs, mask=mask, other=0.0).to(tl.float32)
+        if NEW:  # the source read r registered (its logit against read r): its gradient is below
             lg = tl.load(LN + q, mask=rmask, other=0.0)
         if REMIX:
             # the mix as _read_kernel made it: the same sums in the same order, with its max and sum
             m = tl.load(MMAX + q, mask=rmask, other=0.0)
             ssum = tl.load(SSUM + q, mask=rmask, other=1.0)
             acc = tl.zeros([BM, BD], tl.float32)
-            if NEW:
-                acc = tl.exp(lg - m)[:, None] * v
+            if NEW:  # its values loaded here and again below, not held through the loop: at 768
+                # wide 96 registers a thread instead of 126 (ptxas, sm_90)
+                vn = tl.load(VN + offs, mask=mask, other=0.0).to(tl.float32)
+                acc = tl.exp(lg - m)[:, None] * vn
             acc, _ = _mix_others(V, Lg, slots, n, r, m, m * 0, acc, rows, rmask, mask, offs, M, D,
                                  R)
             mix = acc / ssum[:, None]
@@ -712,6 +713,7 @@ if triton is not None:
         tl.store(C + q, c, mask=rmask)
         if NEW:
             # the new source's gradient, as _source_grad_kernel, with read r's g from registers
+            v = tl.load(VN + offs, mask=mask, other=0.0).to(tl.float32)
             rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
             a = (tl.exp(lg - tl.load(MMAX + q, mask=rmask))
                  / tl.load(SSUM + q, mask=rmask, other=1.0))
