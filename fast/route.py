@@ -170,7 +170,8 @@ class Router:
         self.Lg = e.new_empty((n, R, M), dtype=acc)      # its logit against read r, where r sees it
         # per read
         self.mmax, self.ssum, self.c = (e.new_empty((R, M), dtype=acc) for _ in range(3))
-        # the current block's running sum in fp32 (forward), then its gradient (backward)
+        # the current block's running sum in fp32 (forward; read_backward_op makes a new buffer
+        # for its gradient)
         self.P = e.new_empty((M, d), dtype=acc) if any(plan.keep) else None
         # backward: (R, M, d) read-output gradients, and each source's logit gradients over its
         # rms (n, R, M), allocated by the first read backward; then the queries' gradient (R, d)
@@ -274,6 +275,8 @@ def read_op(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
     ro = PLANS[key].router
     h, mix = read_mix(ro, r, slots, None if v is None else v.reshape(-1, v.size(-1)), W, slot,
                       base, gamma)
+    if r == ro.plan.n_reads - 1:  # the forward's last read: the running sum's buffer goes, not
+        ro.P = None  # held through the loss (the step's peak); the backward makes its own
     return (h.view(shape), (mix if mix is not None else h.new_empty(0)),
             token.new_empty(()))
 
@@ -289,6 +292,7 @@ def read_backward_op(g_token, g_h, mix, gamma, W, slots, key, slot, r, shape, v_
     if ro.G is None:  # the last read's backward comes first
         ro.G = ro.V.new_empty((ro.plan.n_reads,) + ro.V.shape[1:])
         ro.Dl = torch.zeros_like(ro.Lg)
+        ro.P = ro.V.new_empty(ro.V.shape[1:], dtype=ro.Lg.dtype) if any(ro.plan.keep) else None
     d = g_h.size(-1)
     mix = mix.reshape(-1, d) if mix.numel() else None  # None: made again from the sources
     ch, dv = read_grad(ro, W, r, slot, g_h.reshape(-1, d), mix, gamma, slots, v_dtype)

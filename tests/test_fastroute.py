@@ -173,6 +173,17 @@ def test_router_is_freed_after_backward(monkeypatch):
     assert len(routers) == 1 and routers[0]() is None
 
 
+def test_forward_leaves_no_running_sum_to_the_backward():
+    """The block's fp32 running sum (B * T, d) is a forward buffer: the forward's last read drops it, so it is not
+    held through the loss, and the backward makes its own for the sum's gradient (the float64 tests check those)."""
+    model = build('fused', **CASES['attnres_block4'])
+    idx = torch.randint(0, 128, (2, 16))
+    _, loss = model(idx, idx)
+    router = fastroute.PLANS[model.stream.key].router
+    assert router.P is None and router.V is not None  # after the forward, before the backward
+    loss.backward()
+
+
 def test_no_grad_forward_and_bad_route_impl():
     model = build('fused', **CASES['attnres'])
     with torch.no_grad():
