@@ -31,8 +31,8 @@ autograd never builds one gradient tensor per pair.
 
 The ops are registered with torch.library, each with its backward as a torch.autograd.Function:
 torch.compile keeps each as one call in the model's graph (the tokens order them there too) and
-fuses everything around them. Kernels: Triton on CUDA (and on
-CPU under TRITON_INTERPRET=1, for tests); elsewhere the same arithmetic in torch.
+fuses everything around them. Kernels: Triton on CUDA (and on CPU under TRITON_INTERPRET=1, for
+tests); elsewhere the same arithmetic in torch.
 """
 
 import math
@@ -170,15 +170,21 @@ class Router:
         self.Lg = e.new_empty((n, R, M), dtype=acc)      # its logit against read r, where r sees it
         # per read
         self.mmax, self.ssum, self.c = (e.new_empty((R, M), dtype=acc) for _ in range(3))
-        # the current block's running sum in fp32 (forward; read_backward_op makes a new buffer
-        # for its gradient)
-        self.P = e.new_empty((M, d), dtype=acc) if any(plan.keep) else None
+        # the current block's running sum in fp32 (forward), then its gradient (backward)
+        self.plan = plan
+        self.P = self.running_sum()
         # backward: (R, M, d) read-output gradients, and each source's logit gradients over its
         # rms (n, R, M), allocated by the first read backward; then the queries' gradient (R, d)
         self.G = self.Dl = self.dW = None
         self.BD = 1 << (d - 1).bit_length()  # d to a power of 2
         self.grid, self.warps = (-(-M // BM),), max(1, self.BD // 1024)  # programs, warps (see BM)
-        self.plan = plan
+
+    def running_sum(self):
+        """A new (M, d) fp32 buffer for the block's running sum or its gradient; None in the full
+        forms, whose sources are single outputs. The forward's last read drops the forward's, so
+        that it is not held through the loss (the step's peak), and the backward makes its own."""
+        keep = any(self.plan.keep)
+        return self.V.new_empty(self.V.shape[1:], dtype=self.Lg.dtype) if keep else None
 
 # --------------------------------------------------------------------------------------------------
 # The ops, registered with torch.library so that torch.compile keeps each as one opaque call in its
@@ -275,8 +281,8 @@ def read_op(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
     ro = PLANS[key].router
     h, mix = read_mix(ro, r, slots, None if v is None else v.reshape(-1, v.size(-1)), W, slot,
                       base, gamma)
-    if r == ro.plan.n_reads - 1:  # the forward's last read: the running sum's buffer goes, not
-        ro.P = None  # held through the loss (the step's peak); the backward makes its own
+    if r == ro.plan.n_reads - 1:  # the forward's last read: its running sum goes (running_sum)
+        ro.P = None
     return (h.view(shape), (mix if mix is not None else h.new_empty(0)),
             token.new_empty(()))
 
@@ -292,7 +298,7 @@ def read_backward_op(g_token, g_h, mix, gamma, W, slots, key, slot, r, shape, v_
     if ro.G is None:  # the last read's backward comes first
         ro.G = ro.V.new_empty((ro.plan.n_reads,) + ro.V.shape[1:])
         ro.Dl = torch.zeros_like(ro.Lg)
-        ro.P = ro.V.new_empty(ro.V.shape[1:], dtype=ro.Lg.dtype) if any(ro.plan.keep) else None
+        ro.P = ro.running_sum()
     d = g_h.size(-1)
     mix = mix.reshape(-1, d) if mix.numel() else None  # None: made again from the sources
     ch, dv = read_grad(ro, W, r, slot, g_h.reshape(-1, d), mix, gamma, slots, v_dtype)
@@ -593,8 +599,8 @@ if triton is not None:
     @triton.jit
     def _mix_others(V, Lg, slots, n, r, m, s, acc, rows, rmask, mask, offs, M, D, R):
         """Adds read r's n other sources (their slots in `slots`, a row of the padded table) to the
-        softmax's sum s and the weighted sum acc, with weights exp(l - m): each source read once, the
-        next one's values and logit loaded before this one's math (software pipelining)."""
+        softmax's sum s and the weighted sum acc, with weights exp(l - m): each source read once,
+        the next one's values and logit loaded before this one's math (software pipelining)."""
         sl = tl.load(slots).to(tl.int64)
         x_next = tl.load(V + sl * M * D + offs, mask=mask, other=0.0)
         l_next = tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0)
@@ -687,12 +693,12 @@ if triton is not None:
         # V, Lg, slots, n: as _read_kernel's, to make the mix again (REMIX) where it was not kept
         rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
         q = r * M + rows
+        m = tl.load(MMAX + q, mask=rmask, other=0.0)  # read r's softmax max and sum
+        ssum = tl.load(SSUM + q, mask=rmask, other=1.0)
         if NEW:  # the source read r registered (its logit against read r): its gradient is below
             lg = tl.load(LN + q, mask=rmask, other=0.0)
         if REMIX:
-            # the mix as _read_kernel made it: the same sums in the same order, with its max and sum
-            m = tl.load(MMAX + q, mask=rmask, other=0.0)
-            ssum = tl.load(SSUM + q, mask=rmask, other=1.0)
+            # the mix as _read_kernel made it: the same sums in the same order
             acc = tl.zeros([BM, BD], tl.float32)
             if NEW:  # its values loaded here and again below, not held through the loop: at 768
                 # wide 96 registers a thread instead of 126 (ptxas, sm_90)
@@ -719,8 +725,7 @@ if triton is not None:
             # the new source's gradient, as _source_grad_kernel, with read r's g from registers
             v = tl.load(VN + offs, mask=mask, other=0.0).to(tl.float32)
             rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
-            a = (tl.exp(lg - tl.load(MMAX + q, mask=rmask))
-                 / tl.load(SSUM + q, mask=rmask, other=1.0))
+            a = tl.exp(lg - m) / ssum
             dl = a * (tl.sum(g * v, 1) - c)
             DLR = DL + slot * R * M  # this slot's rows of DL, from read r on
             tl.store(DLR + q, dl * rinv, mask=rmask)
