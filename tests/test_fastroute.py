@@ -108,7 +108,7 @@ def test_fused_plan_matches_the_source_counts():
 @pytest.mark.parametrize('name', ['delta', 'delta_block4', 'delta_gate'])
 def test_fused_equals_plain_float64_with_every_mix_kept(name, monkeypatch):
     """The other way of Delta's backward: each read's mix kept from the forward (REMIX = -1), where by
-    default these small models make every mix again but one (the next test)."""
+    default these small models make every mix again (the next test)."""
     monkeypatch.setattr(fastroute, 'REMIX', -1)
     test_fused_equals_plain_float64(name)
 
@@ -132,8 +132,8 @@ def test_delta_keeps_its_mix_only_where_remaking_it_reads_more(monkeypatch):
         return [r for r, k in enumerate(keep) if k]
     # full Delta, 6 sublayers: read r (of sublayer r + 1) sees e and the outputs 0..r, r + 2 sources, one
     # of them new (made by the read itself), so r + 1 others
-    assert kept(fastroute.REMIX) == [4] and fastroute.REMIX == 4
-    assert kept(0) == [0, 1, 2, 3, 4] and kept(100) == []
+    assert kept(fastroute.REMIX) == [] and fastroute.REMIX == 8
+    assert kept(4) == [4] and kept(0) == [0, 1, 2, 3, 4] and kept(100) == []
     assert kept(0, 'delta_block4') == [0, 1, 2, 3, 4] and kept(4, 'delta_block4') == []
     stream = build('fused', **CASES['attnres']).stream
     assert not any(fastroute.PLANS[stream.key].keep_mix)
@@ -279,3 +279,10 @@ def test_fused_bf16_as_accurate_as_plain(name, device):
     errs = bf16_errors(name, device)
     for i, (ep, ef) in enumerate(zip(errs['plain'], errs['fused'])):
         assert ef <= 1.5 * ep + 5e-3, (i, ef, ep)
+
+
+@pytest.mark.parametrize('device', ['cpu', 'cuda'])
+def test_fused_bf16_as_accurate_as_plain_with_every_mix_kept(device, monkeypatch):
+    """The same for Delta's other backward, each read's mix kept from the forward (REMIX = -1)."""
+    monkeypatch.setattr(fastroute, 'REMIX', -1)
+    test_fused_bf16_as_accurate_as_plain('delta', device)
