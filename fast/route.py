@@ -113,26 +113,24 @@ class FusedRouted(Routed):
 
     def _read(self, st, r, base, gamma):
         slot, v = st['new'] or (-1, None)
-        h, _, x, st['token'] = route_read(st['token'], v, st['W'], base, gamma, self.table[r],
-                                          self.key, slot, r, list(st['x'].shape), st['dtype'])
-        if base is not None:  # Delta: the read made the stream's x + out too
-            st['x'] = x
+        h, _, st['token'] = route_read(st['token'], v, st['W'], base, gamma, self.table[r],
+                                       self.key, slot, r, list(st['x'].shape), st['dtype'])
         st['new'] = None
         return h
 
     def write(self, st, s, out, h, c):
         if 'token' not in st:
             return super().write(st, s, out, h, c)
+        if self.additive:
+            st['x'] = st['x'] + out
         # the block's running sum lives in the Router: the next read adds out to it (as Routed's
-        # partial, in fp32) and registers the sum as slot s + 1 (-1: no one reads it, Delta's
-        # last output); Delta's stream x <- x + out is made by that read too, in the same pass
-        st['new'] = (s + 1 if s + 1 < len(self.ranges) else -1, out)
+        # partial, in fp32) and registers the sum as slot s + 1, if anyone reads it
+        if s + 1 < len(self.ranges):
+            st['new'] = (s + 1, out)
 
     def final(self, st):
-        if 'token' not in st:
+        if 'token' not in st or self.additive:
             return super().final(st)
-        if self.additive:  # the last write's output, read by no one, joins the stream here
-            return st['x'] + st['new'][1]
         return self._read(st, self.n_reads - 1, None, None)
 
 
@@ -155,7 +153,6 @@ class Plan:
         # blocks remakes it (at most 8 bytes an element more than keeping it, about 0.1 ms a step
         # at 124M); full Delta keeps it from its ninth read on, where remaking costs more
         self.keep_mix = [additive and len(o) > REMIX for o in others]
-        self.additive = additive  # Delta: the reads make the standard stream's x + out too
         # slot j >= 1 is p_{j-1}, the running sum of its block after sublayer j - 1's write:
         # cont, p = P + out (sublayer j - 1 continues a block) or p = out (it starts one);
         # keep, P = p is kept for the next slot, which continues the same block
@@ -252,10 +249,9 @@ OPS = Ops('fastroute', [
     'start_backward(Tensor g_token, Tensor W, int key, SymInt[] shape, ScalarType e_dtype)'
     ' -> (Tensor, Tensor)',
     'read(Tensor token, Tensor? v, Tensor W, Tensor? base, Tensor? gamma, Tensor slots, int key,'
-    ' int slot, int r, SymInt[] shape, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)',
-    'read_backward(Tensor g_token, Tensor g_h, Tensor g_x, Tensor mix, Tensor? gamma, Tensor W,'
-    ' Tensor slots, int key, int slot, int r, SymInt[] shape, ScalarType v_dtype)'
-    ' -> (Tensor, Tensor, Tensor, Tensor)'])
+    ' int slot, int r, SymInt[] shape, ScalarType dtype) -> (Tensor, Tensor, Tensor)',
+    'read_backward(Tensor g_token, Tensor g_h, Tensor mix, Tensor? gamma, Tensor W, Tensor slots,'
+    ' int key, int slot, int r, SymInt[] shape, ScalarType v_dtype) -> (Tensor, Tensor, Tensor)'])
 PLANS = OPS.registry
 impl, fake = OPS.impl, OPS.fake
 
@@ -282,27 +278,24 @@ def start_backward_op(g_token, W, key, shape, e_dtype):
 @impl('read')
 def read_op(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
     """Adds v (the last write's output, if any) to its block's running sum, registers the sum in
-    `slot`, then routed read r: h = mix (AttnRes) or, Delta, x = base + v (the standard stream) and
-    h = x + gamma * mix. Returns h, the mix in fp32 where the plan keeps it for the backward (Delta),
-    x (Delta), each else an empty tensor, and the token."""
+    `slot`, then routed read r: h = mix (AttnRes) or base + gamma * mix (Delta), and (Delta, where
+    the plan keeps it) the mix in fp32, for the backward; else an empty tensor."""
     ro = PLANS[key].router
-    h, mix, x = read_mix(ro, r, slots, None if v is None else v.reshape(-1, v.size(-1)), W, slot,
-                         base, gamma)
+    h, mix = read_mix(ro, r, slots, None if v is None else v.reshape(-1, v.size(-1)), W, slot,
+                      base, gamma)
     if r == ro.plan.n_reads - 1:  # the forward's last read: its running sum goes (running_sum)
         ro.P = None
-    empty = h.new_empty(0)
-    return (h.view(shape), (mix if mix is not None else empty),
-            (x.view(shape) if x is not None else empty), token.new_empty(()))
+    return (h.view(shape), (mix if mix is not None else h.new_empty(0)),
+            token.new_empty(()))
 
 
 @impl('read_backward')
-def read_backward_op(g_token, g_h, g_x, mix, gamma, W, slots, key, slot, r, shape, v_dtype):
+def read_backward_op(g_token, g_h, mix, gamma, W, slots, key, slot, r, shape, v_dtype):
     """Leaves g_r = gamma dL/dh and c_r = g_r . mix in the Router, then (if the read registered a
     source) that source's whole gradient: every read that saw it has run its backward by now. The
     block's running sum passes it on: dL/dout of the write that made the source is the gradient of
-    the sum, this source's own plus what the block's later sums pass down, plus, Delta, the
-    stream's dL/dx + dL/dh (x = base + out, h = x + ...), which is dL/dbase too. Returns dL/dh . mix
-    per token (for the gate's gradient), dL/dout and dL/dbase (Delta; else empty)."""
+    the sum, this source's own plus what the block's later sums pass down. Returns dL/dh . mix per
+    token (for the gate's gradient) and dL/dout."""
     ro = PLANS[key].router
     if ro.G is None:  # the last read's backward comes first
         ro.G = ro.V.new_empty((ro.plan.n_reads,) + ro.V.shape[1:])
@@ -310,11 +303,9 @@ def read_backward_op(g_token, g_h, g_x, mix, gamma, W, slots, key, slot, r, shap
         ro.P = ro.running_sum()
     d = g_h.size(-1)
     mix = mix.reshape(-1, d) if mix.numel() else None  # None: made again from the sources
-    gx = g_x.reshape(-1, d) if ro.plan.additive else None
-    ch, dv, db = read_grad(ro, W, r, slot, g_h.reshape(-1, d), gx, mix, gamma, slots, v_dtype)
+    ch, dv = read_grad(ro, W, r, slot, g_h.reshape(-1, d), mix, gamma, slots, v_dtype)
     dv = g_h.new_empty(0, dtype=v_dtype) if dv is None else dv.view(shape)
-    db = g_h.new_empty(0) if db is None else db.view(shape)
-    return ch, dv, db, g_token.new_empty(())
+    return ch, dv, g_token.new_empty(())
 
 
 def source_backward(ro, W, slot):
@@ -341,15 +332,13 @@ def _(g_token, W, key, shape, e_dtype):
 def _(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
     keep = base is not None and PLANS[key].keep_mix[r]
     mix = token.new_empty((math.prod(shape[:-1]), shape[-1]) if keep else (0,))
-    x = token.new_empty(shape if base is not None else (0,))
-    return token.new_empty(shape), mix, x, token.new_empty(())
+    return token.new_empty(shape), mix, token.new_empty(())
 
 
 @fake('read_backward')
-def _(g_token, g_h, g_x, mix, gamma, W, slots, key, slot, r, shape, v_dtype):
+def _(g_token, g_h, mix, gamma, W, slots, key, slot, r, shape, v_dtype):
     dv = g_token.new_empty(shape if slot >= 0 else (0,), dtype=v_dtype)
-    db = g_token.new_empty(shape if PLANS[key].additive else (0,))
-    return g_token.new_empty(g_h.numel() // g_h.size(-1)), dv, db, g_token.new_empty(())
+    return g_token.new_empty(g_h.numel() // g_h.size(-1)), dv, g_token.new_empty(())
 
 
 def _start_setup(ctx, inputs, output):
@@ -366,22 +355,22 @@ def _start_backward(ctx, g_token):
 
 def _read_setup(ctx, inputs, output):
     token, v, W, base, gamma, slots, key, slot, r, shape, dtype = inputs
-    h, mix, _, _ = output
+    h, mix, _ = output
     ctx.key, ctx.slot, ctx.r, ctx.shape, ctx.has_base = key, slot, r, shape, base is not None
     ctx.v_dtype = v.dtype if v is not None else dtype
     # AttnRes: h is the mix; Delta: the mix, or an empty tensor where the backward remakes it
     ctx.save_for_backward(mix if base is not None else h, gamma, W, slots)
 
 
-def _read_backward(ctx, g_h, g_mix, g_x, g_token):
+def _read_backward(ctx, g_h, g_mix, g_token):
     mix, gamma, W, slots = ctx.saved_tensors
-    ch, dv, db, g_token = torch.ops.fastroute.read_backward(g_token, g_h, g_x, mix, gamma, W, slots,
-                                                            ctx.key, ctx.slot, ctx.r, ctx.shape,
-                                                            ctx.v_dtype)
+    ch, dv, g_token = torch.ops.fastroute.read_backward(g_token, g_h, mix, gamma, W, slots,
+                                                        ctx.key, ctx.slot, ctx.r, ctx.shape,
+                                                        ctx.v_dtype)
     dgamma = None if gamma is None else ch.sum().to(gamma.dtype)
     dv = dv if ctx.slot >= 0 else None
     # W's gradient is returned once, by the start's backward; the token's carries the order
-    return (g_token, dv, None, (db if ctx.has_base else None), dgamma,
+    return (g_token, dv, None, (g_h if ctx.has_base else None), dgamma,
             None, None, None, None, None, None)
 
 
@@ -412,11 +401,10 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
     """Read r. First, if the last write's output v (M, d) is given, it is added to its block's
     running sum p (fp32, as Routed's partial), which becomes source `slot`, with its logits against
     the reads that will see it. Then the mixture of every source read r sees; its softmax max and
-    sum are kept for the backward. Returns h (M, d); for Delta where the plan keeps it, the mix
+    sum are kept for the backward. Returns h (M, d) and, for Delta where the plan keeps it, the mix
     (else None; AttnRes: h is the mix), both in fp32: the backward's c_r = g_r . mix must be
     sum_i a_i g_r . v_i to fp32 precision (read_grad), and the mix takes each source as stored, the
-    new one too; and for Delta the stream x = base + v (else None), made in the same pass, so that
-    h = x + gamma * mix needs no pass over x of its own."""
+    new one too."""
     plan = ro.plan
     M, d = ro.V.shape[1:]
     acc = ro.Lg.dtype
@@ -424,19 +412,18 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
     h = ro.V.new_empty((M, d), dtype=acc)
     keep = base is not None and plan.keep_mix[r]
     mix = ro.V.new_empty((M, d), dtype=acc) if keep else None
-    x = None if base is None else torch.empty_like(h)
     if use_triton(h):
         dummy = h  # unused pointer arguments
         _read_kernel[ro.grid](
             ro.V, ro.Lg, table, len(plan.others[r]), r, dummy if v is None else v.contiguous(),
             dummy if ro.P is None else ro.P, W, ro.V[max(slot, 0)], ro.Lg[max(slot, 0)],
             plan.ranges[slot][1] if new else r, dummy if base is None else base.contiguous(),
-            dummy if gamma is None else gamma, h, dummy if mix is None else mix,
-            dummy if x is None else x, ro.mmax, ro.ssum, M, d, ro.Lg.size(1), EPS, NEW=new,
-            CONT=new and plan.cont[slot], KEEP=new and plan.keep[slot], HAS_BASE=base is not None,
-            STORE_MIX=keep, HAS_GAMMA=gamma is not None, NP=triton.next_power_of_2(table.numel()),
-            BM=BM, BD=ro.BD, num_warps=ro.warps)
-        return h, mix, x
+            dummy if gamma is None else gamma, h, dummy if mix is None else mix, ro.mmax,
+            ro.ssum, M, d, ro.Lg.size(1), EPS, NEW=new, CONT=new and plan.cont[slot],
+            KEEP=new and plan.keep[slot], HAS_BASE=base is not None, STORE_MIX=keep,
+            HAS_GAMMA=gamma is not None, NP=triton.next_power_of_2(table.numel()), BM=BM,
+            BD=ro.BD, num_warps=ro.warps)
+        return h, mix
     if new:
         p = wide(v) + ro.P if plan.cont[slot] else wide(v)        # (M, d)
         if plan.keep[slot]:
@@ -451,9 +438,8 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
     if base is not None:
         if keep:
             mix[:] = h
-        x = base.reshape(M, d) + v  # as Routed.write's x + out: fp32 (or wider) + the output
-        h = x + (h if gamma is None else gamma * h)
-    return h, mix, x
+        h = base.reshape(M, d) + (h if gamma is None else gamma * h)
+    return h, mix
 
 
 def remix(ro, r):
@@ -467,22 +453,19 @@ def remix(ro, r):
         return torch.einsum('nm,nmd->md', a, srcs)
 
 
-def read_grad(ro, W, r, slot, gh, gx, mix, gamma, table, v_dtype):
+def read_grad(ro, W, r, slot, gh, mix, gamma, table, v_dtype):
     """Read r's backward. G[r] = gamma dL/dh (stored) and c[r] = G[r] . mix (from the stored G[r],
     so that in each source's dl_r = a_r (G[r] . v - c[r]), two near-equal terms where the softmax is
     sharp, the rounding of G[r] cancels) are left for the sources' own backward; then, if read r
     registered source `slot`, every read that saw it has left its G and c, and the source's gradient
     follows (source_grad). The block's running sum passes it down: with p_s = p_{s-1} + out_s,
-    dL/dout_s = dL/dp_s, and dL/dp_{s-1} adds it to its own (P holds it between the two). Delta
-    (gx, dL/dx, given): x = base + out and h = x + gamma * mix, so dL/dbase = gh + gx, which dL/dout
-    gets too (not passed down the block: the stream is not the running sum). mix None: made again
-    (remix). Returns dL/dh . mix per token (M,), dL/dout (M, d) or None, and dL/dbase or None."""
+    dL/dout_s = dL/dp_s, and dL/dp_{s-1} adds it to its own (P holds it between the two). mix None:
+    made again (remix). Returns dL/dh . mix per token (M,) and dL/dout (M, d) or None."""
     plan = ro.plan
     M, d = gh.shape
     acc = ro.c.dtype
     new = slot >= 0
     ch = gh.new_empty(M, dtype=acc)
-    db = None if gx is None else torch.empty_like(gh, dtype=acc)
     if use_triton(gh):
         r1 = plan.ranges[slot][1] if new else r + 1
         dv = ro.V.new_empty((M, d), dtype=v_dtype) if new else None
@@ -491,10 +474,9 @@ def read_grad(ro, W, r, slot, gh, gx, mix, gamma, table, v_dtype):
             gh.contiguous(), dummy if mix is None else mix, dummy if gamma is None else gamma, ro.G,
             ro.c, ch, ro.V, ro.Lg, table, len(plan.others[r]), ro.V[max(slot, 0)],
             ro.Lg[max(slot, 0)], ro.mmax, ro.ssum, W, dummy if ro.P is None else ro.P,
-            dummy if dv is None else dv, ro.Dl, dummy if gx is None else gx.contiguous(),
-            dummy if db is None else db, max(slot, 0), r, r1, M, d, ro.Lg.size(1), EPS, NEW=new,
-            REMIX=mix is None, ADD_DP=new and plan.keep[slot], STORE_DP=new and plan.cont[slot],
-            HAS_GAMMA=gamma is not None, STREAM=gx is not None, BM=BM, BD=ro.BD,
+            dummy if dv is None else dv, ro.Dl, max(slot, 0), r, r1, M, d, ro.Lg.size(1), EPS,
+            NEW=new, REMIX=mix is None, ADD_DP=new and plan.keep[slot],
+            STORE_DP=new and plan.cont[slot], HAS_GAMMA=gamma is not None, BM=BM, BD=ro.BD,
             num_warps=ro.warps)
     else:
         if mix is None:
@@ -502,17 +484,15 @@ def read_grad(ro, W, r, slot, gh, gx, mix, gamma, table, v_dtype):
         ch[:] = (wide(gh) * wide(mix)).sum(-1)
         ro.G[r] = gh if gamma is None else gamma * gh
         ro.c[r] = (wide(ro.G[r]) * wide(mix)).sum(-1)
-        if gx is not None:
-            db[:] = wide(gh) + gx
         if not new:
-            return ch, None, db
+            return ch, None
         dv = source_grad(ro, W, slot, *plan.ranges[slot])
         if plan.keep[slot]:  # what the block's later sums pass down (P holds it now)
             dv = dv + ro.P
         if plan.cont[slot]:
             ro.P.copy_(dv)
-        dv = (dv if db is None else dv + db).to(v_dtype)
-    return ch, dv, db
+        dv = dv.to(v_dtype)
+    return ch, dv
 
 
 def source_grad(ro, W, i, r0, r1):
@@ -653,8 +633,8 @@ if triton is not None:
             tl.store(Lg + r * M + rows, tl.sum(v * w[None, :], 1) * rinv, mask=rmask)
 
     @triton.jit
-    def _read_kernel(V, Lg, slots, n, r, OUT, P, W, VN, LN, r1, base, gamma, H, MIX, X, MMAX,
-                     SSUM, M, D: tl.constexpr, R, eps, NEW: tl.constexpr, CONT: tl.constexpr,
+    def _read_kernel(V, Lg, slots, n, r, OUT, P, W, VN, LN, r1, base, gamma, H, MIX, MMAX, SSUM,
+                     M, D: tl.constexpr, R, eps, NEW: tl.constexpr, CONT: tl.constexpr,
                      KEEP: tl.constexpr, HAS_BASE: tl.constexpr, STORE_MIX: tl.constexpr,
                      HAS_GAMMA: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr,
                      BD: tl.constexpr):
@@ -702,25 +682,17 @@ if triton is not None:
                 tl.store(MIX + offs, mix, mask=mask)
             if HAS_GAMMA:
                 mix = mix * tl.load(gamma)
-            # Delta's stream x = base + out (Routed.write's), out loaded again (from cache) rather
-            # than held in registers through the mix's loop: one pass over x, not a kernel's
-            x = tl.load(base + offs, mask=mask, other=0.0)
-            if NEW:
-                x += tl.load(OUT + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(X + offs, x, mask=mask)
-            mix += x
+            mix += tl.load(base + offs, mask=mask, other=0.0)
         tl.store(H + offs, mix, mask=mask)
 
     @triton.jit
     def _read_grad_kernel(GH, MIX, gamma, G, C, CH, V, Lg, slots, n, VN, LN, MMAX, SSUM, W, P, DV,
-                          DL, GX, DB, slot, r, r1, M, D: tl.constexpr, R, eps, NEW: tl.constexpr,
+                          DL, slot, r, r1, M, D: tl.constexpr, R, eps, NEW: tl.constexpr,
                           REMIX: tl.constexpr, ADD_DP: tl.constexpr, STORE_DP: tl.constexpr,
-                          HAS_GAMMA: tl.constexpr, STREAM: tl.constexpr, BM: tl.constexpr,
-                          BD: tl.constexpr):
+                          HAS_GAMMA: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
         # G: the (R, M, D) read gradients; C, MMAX, SSUM: (R, M); VN, LN: the slot read r
         # registered, its (M, D) source and (R, M) logits; DL: every slot's (R, M) logit gradients;
-        # V, Lg, slots, n: as _read_kernel's, to make the mix again (REMIX) where it was not kept;
-        # GX, DB (STREAM, Delta): the gradients of the stream x this read made and of its base
+        # V, Lg, slots, n: as _read_kernel's, to make the mix again (REMIX) where it was not kept
         rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
         q = r * M + rows
         m = tl.load(MMAX + q, mask=rmask, other=0.0)  # read r's softmax max and sum
@@ -767,14 +739,6 @@ if triton is not None:
                 dv += tl.load(P + offs, mask=mask, other=0.0)
             if STORE_DP:
                 tl.store(P + offs, dv, mask=mask)
-        if STREAM:  # x = base + out, h = x + gamma mix: dL/dbase = dL/dh + dL/dx, which dL/dout gets
-            # too (not passed down the block); GH loaded again (from cache) at the end
-            t = tl.load(GH + offs, mask=mask, other=0.0).to(tl.float32)
-            t += tl.load(GX + offs, mask=mask, other=0.0)
-            tl.store(DB + offs, t, mask=mask)
-            if NEW:
-                dv += t
-        if NEW:
             tl.store(DV + offs, dv, mask=mask)
 
     @triton.jit
