@@ -150,8 +150,8 @@ class Plan:
         # element (2n bytes), kept 8 (4 written, 4 read) and 4 bytes an element of memory until the
         # backward: 1.16 GB a step at 124M, B=16, where delta block's peak memory went from 1.15x to
         # 1.05x standard's without it (an H100, docs/performance.md). 8: every block read up to 8
-        # blocks remakes it (at most 8 bytes an element more than keeping it, about 0.1 ms a step
-        # at 124M); full Delta keeps it from its ninth read on, where remaking costs more
+        # blocks remakes it (at most 8 bytes an element more than keeping it: estimated 0.1 ms a
+        # step at 124M, full or block); full Delta keeps it from its ninth read on
         self.keep_mix = [additive and len(o) > REMIX for o in others]
         # slot j >= 1 is p_{j-1}, the running sum of its block after sublayer j - 1's write:
         # cont, p = P + out (sublayer j - 1 continues a block) or p = out (it starts one);
