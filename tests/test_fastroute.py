@@ -199,7 +199,7 @@ def test_compiled_fused_path_matches_eager(device):
     """The ops are registered with torch.library: torch.compile keeps each as one call in a single graph
     (fullgraph: no graph break), and the compiled model computes what the eager one does. On a GPU the
     compiled graph calls the Triton kernels, as a training step does (a change whose eager GPU tests
-    passed once left the compiled GPU step hanging: docs/performance.md, fifth pass)."""
+    passed once kept the compiled GPU warm-up from finishing: docs/performance.md, fifth pass)."""
     if device == 'cuda' and not torch.cuda.is_available():
         pytest.skip('needs a CUDA GPU')
     eager, model = (build('fused', **CASES['delta_block2_gate']).to(device) for _ in range(2))
