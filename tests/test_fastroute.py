@@ -113,10 +113,11 @@ def test_fused_equals_plain_float64_with_every_mix_kept(name, monkeypatch):
     test_fused_equals_plain_float64(name)
 
 
-def test_delta_keeps_its_mix_only_where_remaking_it_reads_more(monkeypatch):
+def test_delta_keeps_its_mix_only_where_it_sees_more_than_remix_others(monkeypatch):
     """Delta's backward needs each read's mix (c_r = g_r . mix_r). A read that sees at most REMIX other
-    sources keeps nothing and makes it again from them (fewer bytes than an fp32 mix stored and loaded
-    back); only a read that sees more keeps it, in fp32, (B * T, d). AttnRes keeps h, its output, anyway."""
+    sources keeps nothing and makes it again from them (2 bytes an element a source, against 8 for an fp32
+    mix stored and loaded back, and no memory held); only a read that sees more keeps it, in fp32,
+    (B * T, d). AttnRes keeps h, its output, anyway."""
     def kept(remix, case='delta'):
         monkeypatch.setattr(fastroute, 'REMIX', remix)
         stream = build('fused', **CASES[case]).stream
