@@ -234,14 +234,16 @@ class Ops:
 
     def autograd(self, name, backward, setup):
         """The op with its backward, as a torch.autograd.Function (setup saves what the backward
-        needs, as register_autograd's setup_context does); returns its apply, which the streams
-        call. A Function, not torch.library.register_autograd: compiled, the graph then calls the op
-        below autograd, one call into Python where register_autograd's wrapper makes two."""
+        needs, as register_autograd's setup_context does); returns what the streams call: its apply
+        where autograd records, else the op itself. A Function, not torch.library.register_autograd:
+        compiled, the graph then calls the op below autograd, one call into Python where
+        register_autograd's wrapper makes two. Without grad (evaluation) the op is called directly:
+        torch.compile (2.11 to 2.13) fails to trace a Function's setup_context under no_grad."""
         op = getattr(getattr(torch.ops, self.ns), name)
         fn = type(name, (torch.autograd.Function,), dict(
             forward=staticmethod(lambda *args: op(*args)), setup_context=staticmethod(setup),
             backward=staticmethod(backward)))
-        return fn.apply
+        return lambda *args: fn.apply(*args) if torch.is_grad_enabled() else op(*args)
 
 
 OPS = Ops('fastroute', [

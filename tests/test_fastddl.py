@@ -117,7 +117,8 @@ def test_triton_kernels_under_the_interpreter():
 
 @pytest.mark.slow
 def test_compiled_matches_eager():
-    """The ops inside one compiled graph (fullgraph: no breaks), against the same model in eager mode."""
+    """The ops inside one compiled graph (fullgraph: no breaks), against the same model in eager mode, in
+    training and in evaluation (no_grad: a graph of its own, which once failed to compile)."""
     plain, fused = pair(torch.float32, ddl_dv=4)
     idx = torch.randint(0, 64, (2, 16))
     le, ge = run(fused, idx)
@@ -128,6 +129,10 @@ def test_compiled_matches_eager():
     for _ in range(2):  # the second step reuses the graph and a new State
         lc, gc = run(fused, idx)
         assert rel_err(lc, le) < 1e-6 and max(rel_err(gc[n], ge[n]) for n in ge) < 1e-5
+    fused.eval()  # as train.py's evaluate
+    with torch.no_grad():
+        _, ln = fused(idx, idx)
+    assert rel_err(ln, le) < 1e-6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')

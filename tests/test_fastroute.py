@@ -42,9 +42,13 @@ def build(impl, n_layer=3, n_embd=32, seed=0, **kw):
     return model
 
 
-def loss_and_grads(model, B=2, T=16):
+def batch(model, B=2, T=16):
     g = torch.Generator().manual_seed(1)
-    idx, tgt = torch.randint(0, 128, (2, B, T), generator=g).to(model.lm_head.weight.device)
+    return torch.randint(0, 128, (2, B, T), generator=g).to(model.lm_head.weight.device)
+
+
+def loss_and_grads(model, B=2, T=16):
+    idx, tgt = batch(model, B, T)
     _, loss = model(idx, tgt)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
@@ -198,7 +202,8 @@ def test_no_grad_forward_and_bad_route_impl():
 @pytest.mark.parametrize('device', ['cpu', 'cuda'])
 def test_compiled_fused_path_matches_eager(device):
     """The ops are registered with torch.library: torch.compile keeps each as one call in a single graph
-    (fullgraph: no graph break), and the compiled model computes what the eager one does. On a GPU the
+    (fullgraph: no graph break), and the compiled model computes what the eager one does, in training and
+    in evaluation (no_grad: a graph of its own, which once failed to compile). On a GPU the
     compiled graph calls the Triton kernels, as a training step does (a change whose eager GPU tests
     passed once kept the compiled GPU warm-up from finishing: docs/performance.md, fifth pass)."""
     if device == 'cuda' and not torch.cuda.is_available():
@@ -211,6 +216,10 @@ def test_compiled_fused_path_matches_eager(device):
     torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
     for n in ge:
         assert rel_err(gc[n], ge[n]) < 1e-5, n
+    model.eval()  # as train.py's evaluate
+    with torch.no_grad():
+        _, ln = model(*batch(model))
+    torch.testing.assert_close(ln, le, rtol=1e-5, atol=1e-5)
 
 
 INTERPRET = """
