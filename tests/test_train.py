@@ -318,13 +318,18 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, data_dir, mon
     assert [r['tokens'] for r in records(out)][4:] == [512, 576, 640, 704, 768]
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, data_dir):
+@pytest.mark.parametrize('max_iters', [12, 10])
+def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path, data_dir, max_iters):
+    """A step's loss is read during the next step, or before a log line, evaluation or checkpoint: with
+    log_interval=3 step 10's is read in step 11 (max_iters=12), or before step 10's checkpoint, which
+    must not be written (max_iters=10)."""
     out = tmp_path / 'out'
     run(data_dir, out, '--max_iters=8')
     good = (out / 'ckpt.pt').read_bytes()
     # an infinite learning rate turns the weights to inf/NaN in step 9, so the loss of step 10 is NaN
     with pytest.raises(SystemExit) as e:
-        run(data_dir, out, '--max_iters=12', '--init_from=resume', '--learning_rate=1e999')
+        run(data_dir, out, f'--max_iters={max_iters}', '--init_from=resume', '--learning_rate=1e999',
+            '--log_interval=3')
     assert 'train loss is nan at step 10' in str(e.value.code) and 'step 8' in str(e.value.code)
     assert (out / 'ckpt.pt').read_bytes() == good
     assert max(r['step'] for r in records(out)) == 9  # nothing was logged for the failed step
