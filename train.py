@@ -440,9 +440,9 @@ def train(argv, ddp):
         if ddp:
             dist.all_reduce(loss_sum)  # the same loss on every rank, so all of them stop on a NaN
         # the loss goes to the CPU behind the queued work, and is read a step later (or at the next
-        # log line): waiting for it now would leave the GPU idle while the CPU queues the next step
-        # (7% of a 12 x 512 step on an H100). The last step's is here by now; a NaN in it stops the
-        # run before any checkpoint of the weights it made
+        # log line): waiting for it now would leave the GPU idle while the CPU queues the next step.
+        # The last step's is here by now; a NaN in it stops the run before any checkpoint of the
+        # weights it made
         if pending:
             train_loss, pending = read_loss(pending, accum * world, ckpt_path, saved_at), None
         done = torch.cuda.Event() if env.kind == 'cuda' else None
