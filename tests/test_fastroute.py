@@ -205,7 +205,7 @@ def test_compiled_fused_path_matches_eager(device):
     (fullgraph: no graph break), and the compiled model computes what the eager one does, in training and
     in evaluation (no_grad: a graph of its own, which once failed to compile). On a GPU the
     compiled graph calls the Triton kernels, as a training step does (a change whose eager GPU tests
-    passed once kept the compiled GPU warm-up from finishing: docs/performance.md, fifth pass)."""
+    passed once kept the compiled GPU warm-up from finishing: docs/performance.md, fifth and sixth passes)."""
     if device == 'cuda' and not torch.cuda.is_available():
         pytest.skip('needs a CUDA GPU')
     eager, model = (build('fused', **CASES['delta_block2_gate']).to(device) for _ in range(2))
