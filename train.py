@@ -460,7 +460,8 @@ def train(argv, ddp):
         if step > (resumed_at or 0) + 1:  # a process's first step compiles: left out of tok/s
             win_tokens, win_time = win_tokens + cfg.total_batch_size, win_time + dt
         mfu = raw_model.estimate_mfu(cfg.total_batch_size / dt / world, peak)
-        bar.set_postfix_str((f'loss {train_loss:.4f} | ' if train_loss else '')  # a step behind
+        # the bar's loss is a step behind (None before the first is read)
+        bar.set_postfix_str((f'loss {train_loss:.4f} | ' if train_loss is not None else '')
                             + f'{cfg.total_batch_size / dt:,.0f} tok/s'
                             + (f' | MFU {mfu:.1%}' if mfu else ''), refresh=False)
         bar.update()
