@@ -153,6 +153,11 @@ class Plan:
         # blocks remakes it (at most 8 bytes an element more than keeping it: estimated 0.1 ms a
         # step at 124M, full or block); full Delta keeps it from its ninth read on
         self.keep_mix = [additive and len(o) > REMIX for o in others]
+        # narrow_h[r]: AttnRes's read r returns h in the sources' dtype (bf16 under autocast), half
+        # the bytes of the LayerNorm input the backward keeps (48 -> 24 MB a read at 124M, B=16),
+        # and its backward makes the mix again for c_r (as Delta's above); where it sees more than
+        # REMIX others, h stays fp32 and is kept as the mix
+        self.narrow_h = [not additive and len(o) <= REMIX for o in others]
         # slot j >= 1 is p_{j-1}, the running sum of its block after sublayer j - 1's write:
         # cont, p = P + out (sublayer j - 1 continues a block) or p = out (it starts one);
         # keep, P = p is kept for the next slot, which continues the same block
@@ -334,7 +339,8 @@ def _(g_token, W, key, shape, e_dtype):
 def _(token, v, W, base, gamma, slots, key, slot, r, shape, dtype):
     keep = base is not None and PLANS[key].keep_mix[r]
     mix = token.new_empty((math.prod(shape[:-1]), shape[-1]) if keep else (0,))
-    return token.new_empty(shape), mix, token.new_empty(())
+    h = token.new_empty(shape, dtype=dtype if PLANS[key].narrow_h[r] else token.dtype)
+    return h, mix, token.new_empty(())
 
 
 @fake('read_backward')
@@ -360,8 +366,9 @@ def _read_setup(ctx, inputs, output):
     h, mix, _ = output
     ctx.key, ctx.slot, ctx.r, ctx.shape, ctx.has_base = key, slot, r, shape, base is not None
     ctx.v_dtype = v.dtype if v is not None else dtype
-    # AttnRes: h is the mix; Delta: the mix, or an empty tensor where the backward remakes it
-    ctx.save_for_backward(mix if base is not None else h, gamma, W, slots)
+    # AttnRes: h is the mix, or an empty tensor where h is narrow and the backward remakes it;
+    # Delta: the mix, or an empty tensor where the backward remakes it
+    ctx.save_for_backward(mix if base is not None or PLANS[key].narrow_h[r] else h, gamma, W, slots)
 
 
 def _read_backward(ctx, g_h, g_mix, g_token):
@@ -411,7 +418,7 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
     M, d = ro.V.shape[1:]
     acc = ro.Lg.dtype
     new = slot >= 0
-    h = ro.V.new_empty((M, d), dtype=acc)
+    h = ro.V.new_empty((M, d), dtype=ro.V.dtype if plan.narrow_h[r] else acc)
     keep = base is not None and plan.keep_mix[r]
     mix = ro.V.new_empty((M, d), dtype=acc) if keep else None
     if use_triton(h):
@@ -441,7 +448,7 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
         if keep:
             mix[:] = h
         h = base.reshape(M, d) + (h if gamma is None else gamma * h)
-    return h, mix
+    return h.to(ro.V.dtype) if plan.narrow_h[r] else h, mix
 
 
 def remix(ro, r):

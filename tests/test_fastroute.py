@@ -109,19 +109,21 @@ def test_fused_plan_matches_the_source_counts():
         assert all(r0 < r1 <= stream.n_reads for r0, r1 in stream.ranges)
 
 
-@pytest.mark.parametrize('name', ['delta', 'delta_block4', 'delta_gate'])
+@pytest.mark.parametrize('name', ['delta', 'delta_block4', 'delta_gate', 'attnres', 'attnres_block4'])
 def test_fused_equals_plain_float64_with_every_mix_kept(name, monkeypatch):
-    """The other way of Delta's backward: each read's mix kept from the forward (REMIX = -1), where by
-    default these small models make every mix again (the next test)."""
+    """The other way of the backward: each read's mix (AttnRes: its fp32 h) kept from the forward
+    (REMIX = -1), where by default these small models make every mix again (the next test)."""
     monkeypatch.setattr(fastroute, 'REMIX', -1)
     test_fused_equals_plain_float64(name)
 
 
-def test_delta_keeps_its_mix_only_where_it_sees_more_than_remix_others(monkeypatch):
-    """Delta's backward needs each read's mix (c_r = g_r . mix_r). A read that sees at most REMIX other
-    sources keeps nothing and makes it again from them (2 bytes an element a source, against 8 for an fp32
-    mix stored and loaded back, and no memory held); only a read that sees more keeps it, in fp32,
-    (B * T, d). AttnRes keeps h, its output, anyway."""
+def test_reads_keep_their_mix_only_where_they_see_more_than_remix_others(monkeypatch):
+    """The backward needs each read's mix (Delta: c_r = g_r . mix_r; AttnRes: its output h, the mix
+    itself). A read that sees at most REMIX other sources keeps nothing and makes it again from them
+    (2 bytes an element a source, against 8 for an fp32 mix stored and loaded back, and no memory held);
+    only a read that sees more keeps it in fp32: Delta's mix (B * T, d), AttnRes's h (B, T, d). AttnRes's
+    h is then returned in the sources' dtype (bf16 under autocast: half the bytes of the LayerNorm input
+    the backward keeps)."""
     def kept(remix, case='delta'):
         monkeypatch.setattr(fastroute, 'REMIX', remix)
         stream = build('fused', **CASES[case]).stream
@@ -132,16 +134,31 @@ def test_delta_keeps_its_mix_only_where_it_sees_more_than_remix_others(monkeypat
             if h.grad_fn is not None and h is not st['x']:  # a routed read: its op's saved tensors
                 saved.append(h.grad_fn.saved_tensors[0].shape)
             stream.write(st, s, torch.randn(2, 16, 32), h, None)
-        keep = fastroute.PLANS[stream.key].keep_mix
-        assert [r for r, shape in enumerate(saved) if shape == (32, 32)] == [r for r, k in enumerate(keep) if k]
+        if not stream.additive:  # AttnRes's final norm reads the stream too
+            saved.append(stream.final(st).grad_fn.saved_tensors[0].shape)
+        plan = fastroute.PLANS[stream.key]
+        keep = plan.keep_mix if stream.additive else [not n for n in plan.narrow_h]
+        full = (32, 32) if stream.additive else (2, 16, 32)
+        assert [r for r, shape in enumerate(saved) if shape == full] == [r for r, k in enumerate(keep) if k]
+        assert all(shape == full or shape.numel() == 0 for shape in saved)
         return [r for r, k in enumerate(keep) if k]
     # full Delta, 6 sublayers: read r (of sublayer r + 1) sees e and the outputs 0..r, r + 2 sources, one
     # of them new (made by the read itself), so r + 1 others
     assert kept(fastroute.REMIX) == [] and fastroute.REMIX == 8
     assert kept(4) == [4] and kept(0) == [0, 1, 2, 3, 4] and kept(100) == []
     assert kept(0, 'delta_block4') == [0, 1, 2, 3, 4] and kept(4, 'delta_block4') == []
+    # full AttnRes: read r (of sublayer r, 6 the final norm's) sees e and the outputs 0..r-1, r + 1
+    # sources, one of them new (output r - 1, written by the read), so r others (read 0: e, 1); block
+    # AttnRes (4): at most 2 others, e and the finished block beside the new partial sum
+    assert kept(8, 'attnres') == [] and kept(4, 'attnres') == [5, 6]
+    assert kept(0, 'attnres') == list(range(7))
+    assert kept(2, 'attnres_block4') == [] and kept(1, 'attnres_block4') == [5, 6]
+    monkeypatch.setattr(fastroute, 'REMIX', 8)
     stream = build('fused', **CASES['attnres']).stream
     assert not any(fastroute.PLANS[stream.key].keep_mix)
+    with torch.autocast('cpu', torch.bfloat16):
+        st = stream.start(torch.randn(2, 16, 32).bfloat16())
+        assert stream.read(st, 1).dtype == torch.bfloat16
 
 
 def test_fused_falls_back_to_plain_off_cuda_and_while_probed():
@@ -297,7 +314,9 @@ def test_fused_bf16_as_accurate_as_plain(name, device):
 
 
 @pytest.mark.parametrize('device', ['cpu', 'cuda'])
-def test_fused_bf16_as_accurate_as_plain_with_every_mix_kept(device, monkeypatch):
-    """The same for Delta's other backward, each read's mix kept from the forward (REMIX = -1)."""
+@pytest.mark.parametrize('name', ['delta', 'attnres_block4'])
+def test_fused_bf16_as_accurate_as_plain_with_every_mix_kept(name, device, monkeypatch):
+    """The same for the other backward, each read's mix (AttnRes: its fp32 h) kept from the forward
+    (REMIX = -1)."""
     monkeypatch.setattr(fastroute, 'REMIX', -1)
-    test_fused_bf16_as_accurate_as_plain('delta', device)
+    test_fused_bf16_as_accurate_as_plain(name, device)
