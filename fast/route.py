@@ -20,7 +20,8 @@ What the plain path costs, and what this one does instead (per token, d wide, n 
   so about 2 bytes per element per pair, with nothing accumulated in memory. The block's running
   sum passes the gradient down (p_s = p_{s-1} + out_s, so dL/dout_s = dL/dp_s), in the same kernel,
   so the sublayer gets its output's gradient with no autograd sum in between. The queries' gradient
-  is one batched matmul at the end, over every source's logit gradients.
+  is one matmul a source at the end, over its logit gradients (kept, as its logits, for the reads
+  that see it only).
 
 How autograd is made to run a source's backward after all of its reads: every op here takes and
 returns a 0-dim "token" tensor, chained in forward order, and every backward op takes and returns
@@ -73,16 +74,20 @@ class FusedRouted(Routed):
         self.visible = [[i for i, (r0, r1) in enumerate(self.ranges) if r0 <= r < r1]
                         for r in range(R)]
         # the slot read r registers (i >= 1 first read by r) is made in registers, not loaded: the
-        # kernels get the others, as an (R, n) table padded with slot 0 (a valid address, never
+        # kernels get the others, as an (R, 2, n) table, [r, 0] their slots and [r, 1] the rows of
+        # their logits against read r (Plan.lo), padded with slot 0 (a valid address, never
         # used); moved to the device with the model, once, rather than every step
         others = [[i for i in v if i == 0 or self.ranges[i][0] != r]
                   for r, v in enumerate(self.visible)]
+        plan = Plan(self.ranges, self.visible, others, R, S, additive)
         n = max(map(len, others)) + 1
-        self.register_buffer('table', torch.tensor([v + [0] * (n - len(v)) for v in others],
-                                                   dtype=torch.int32), persistent=False)
+        pad = lambda row: row + [row[0]] * (n - len(row))  # noqa: E731  (slot 0, its row)
+        self.register_buffer('table', torch.tensor(
+            [[pad(v), pad([plan.lo[i] + r for i in v])] for r, v in enumerate(others)],
+            dtype=torch.int32), persistent=False)
         # the ops find this stream's plan and its latest Router by this key (ints pass through
         # the compiler)
-        self.key = OPS.register(self, Plan(self.ranges, self.visible, others, R, S, additive))
+        self.key = OPS.register(self, plan)
 
     def fused(self, e):
         # 'auto': on CUDA, every form. At 12 x 512 on one H100: attnres / delta block 1.13x /
@@ -144,6 +149,12 @@ class Plan:
     def __init__(self, ranges, visible, others, n_reads, S, additive):
         self.ranges, self.visible, self.others, self.n_reads = ranges, visible, others, n_reads
         n = len(ranges)
+        # the logits (and their gradients) are kept for the (source, read) pairs only: source i's
+        # against read r in row lo[i] + r of a (pairs, M) buffer, its rows following the slots
+        # before it. A dense (n, R, M) table held 24 x 23 rows for delta block's 79 pairs at
+        # 124M (34.5 of 36 MB unused through the whole step, at the memory target's margin)
+        self.pairs = sum(r1 - r0 for r0, r1 in ranges)
+        self.lo = [sum(b - a for a, b in ranges[:i]) - r0 for i, (r0, _) in enumerate(ranges)]
         # keep_mix[r]: Delta's read r keeps its mix (fp32) for the backward's c_r = g_r . mix_r;
         # else the backward makes it again from the sources, as the forward did (remix). Kept only
         # where it sees more than REMIX other sources: recomputed, the mix costs n bf16 loads an
@@ -174,14 +185,15 @@ class Router:
         n, R, M = len(plan.ranges), plan.n_reads, B * T
         acc = wide(e).dtype  # statistics in fp32 (or wider)
         self.V = e.new_empty((n, M, d), dtype=dtype)     # slot i: source i, (M, d)
-        self.Lg = e.new_empty((n, R, M), dtype=acc)      # its logit against read r, where r sees it
+        self.Lg = e.new_empty((plan.pairs, M), dtype=acc)  # row lo[i] + r: source i's logit
+        # against read r, where r sees it (Plan.lo)
         # per read
         self.mmax, self.ssum, self.c = (e.new_empty((R, M), dtype=acc) for _ in range(3))
         # the current block's running sum in fp32 (forward), then its gradient (backward)
         self.plan = plan
         self.P = self.running_sum()
         # backward: (R, M, d) read-output gradients, and each source's logit gradients over its
-        # rms (n, R, M), allocated by the first read backward; then the queries' gradient (R, d)
+        # rms (as Lg), allocated by the first read backward; then the queries' gradient (R, d)
         self.G = self.Dl = self.dW = None
         self.BD = 1 << (d - 1).bit_length()  # d to a power of 2
         self.grid, self.warps = (-(-M // BM),), max(1, self.BD // 1024)  # programs, warps (see BM)
@@ -306,7 +318,7 @@ def read_backward_op(g_token, g_h, mix, gamma, W, slots, key, slot, r, shape, v_
     ro = PLANS[key].router
     if ro.G is None:  # the last read's backward comes first
         ro.G = ro.V.new_empty((ro.plan.n_reads,) + ro.V.shape[1:])
-        ro.Dl = torch.zeros_like(ro.Lg)
+        ro.Dl = torch.empty_like(ro.Lg)  # every row written: each source's backward writes its own
         ro.P = ro.running_sum()
     d = g_h.size(-1)
     mix = mix.reshape(-1, d) if mix.numel() else None  # None: made again from the sources
@@ -318,10 +330,13 @@ def read_backward_op(g_token, g_h, mix, gamma, W, slots, key, slot, r, shape, v_
 def source_backward(ro, W, slot):
     """The embedding's gradient (M, d); then, the last of the chain, the queries' whole gradient
     from every source's logit gradients (over rms(v), left in Dl): the logit is (W_r . v) / rms(v),
-    so dL/dW_r = sum over sources i and tokens of Dl[i, r] * v_i. One batched matmul, (n, R, M) @
-    (n, M, d), zeros where a source is not read, in the storage dtype as the sources are."""
+    so dL/dW_r = sum over sources i and tokens of Dl[i, r] * v_i: one matmul a source, (k, M) @
+    (M, d) for its k reads, in the storage dtype as the sources are, summed in W's."""
     dv = source_grad(ro, W, slot, *ro.plan.ranges[slot])
-    ro.dW = (ro.Dl.to(ro.V.dtype) @ ro.V).to(W.dtype).sum(0)
+    plan, Dl = ro.plan, ro.Dl.to(ro.V.dtype)
+    ro.dW = W.new_zeros(W.shape)
+    for i, (r0, r1) in enumerate(plan.ranges):
+        ro.dW[r0:r1] += Dl[plan.lo[i] + r0:plan.lo[i] + r1] @ ro.V[i]
     return dv
 
 
@@ -394,16 +409,16 @@ def use_triton(t):
 
 
 def add_source(ro, v, W, slot, r0, r1):
-    """V[slot] = v; Lg[slot, r] = (W_r . v) / rms(v) for r in [r0, r1): the embedding, slot 0 (the
-    reads make the other sources, read_mix)."""
+    """V[slot] = v; its logits (W_r . v) / rms(v) for r in [r0, r1), Lg[lo[slot] + r]: the
+    embedding, slot 0 (the reads make the other sources, read_mix)."""
     M, d = v.shape
     if use_triton(v):
         v = v.contiguous()
-        _add_source_kernel[ro.grid](v, W, ro.V[slot], ro.Lg[slot], r0, r1, M, d, EPS, BM=BM,
-                                    BD=ro.BD, num_warps=ro.warps)
+        _add_source_kernel[ro.grid](v, W, ro.V[slot], ro.Lg, ro.plan.lo[slot], r0, r1, M, d, EPS,
+                                    BM=BM, BD=ro.BD, num_warps=ro.warps)
     else:
         ro.V[slot] = v
-        ro.Lg[slot, r0:r1] = source_logits(v, W[r0:r1], EPS).t()
+        ro.Lg[ro.plan.lo[slot] + r0:ro.plan.lo[slot] + r1] = source_logits(v, W[r0:r1], EPS).t()
 
 
 def read_mix(ro, r, table, v, W, slot, base, gamma):
@@ -424,14 +439,14 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
     if use_triton(h):
         dummy = h  # unused pointer arguments
         _read_kernel[ro.grid](
-            ro.V, ro.Lg, table, len(plan.others[r]), r, dummy if v is None else v.contiguous(),
-            dummy if ro.P is None else ro.P, W, ro.V[max(slot, 0)], ro.Lg[max(slot, 0)],
-            plan.ranges[slot][1] if new else r, dummy if base is None else base.contiguous(),
-            dummy if gamma is None else gamma, h, dummy if mix is None else mix, ro.mmax,
-            ro.ssum, M, d, ro.Lg.size(1), EPS, NEW=new, CONT=new and plan.cont[slot],
-            KEEP=new and plan.keep[slot], HAS_BASE=base is not None, STORE_MIX=keep,
-            HAS_GAMMA=gamma is not None, NP=triton.next_power_of_2(table.numel()), BM=BM,
-            BD=ro.BD, num_warps=ro.warps)
+            ro.V, ro.Lg, table[0], table[1], len(plan.others[r]), r,
+            dummy if v is None else v.contiguous(), dummy if ro.P is None else ro.P, W,
+            ro.V[max(slot, 0)], plan.lo[max(slot, 0)], plan.ranges[slot][1] if new else r,
+            dummy if base is None else base.contiguous(), dummy if gamma is None else gamma, h,
+            dummy if mix is None else mix, ro.mmax, ro.ssum, M, d, EPS, NEW=new,
+            CONT=new and plan.cont[slot], KEEP=new and plan.keep[slot], HAS_BASE=base is not None,
+            STORE_MIX=keep, HAS_GAMMA=gamma is not None,
+            NP=triton.next_power_of_2(table.size(1)), BM=BM, BD=ro.BD, num_warps=ro.warps)
         return h, mix
     if new:
         p = wide(v) + ro.P if plan.cont[slot] else wide(v)        # (M, d)
@@ -439,8 +454,8 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
             ro.P.copy_(p)
         ro.V[slot] = p
         r0, r1 = plan.ranges[slot]
-        ro.Lg[slot, r0:r1] = source_logits(p, W[r0:r1], EPS).t()
-    lg = ro.Lg[plan.visible[r], r]                                 # (n, M)
+        ro.Lg[plan.lo[slot] + r0:plan.lo[slot] + r1] = source_logits(p, W[r0:r1], EPS).t()
+    lg = ro.Lg[[plan.lo[i] + r for i in plan.visible[r]]]          # (n, M)
     ro.mmax[r] = lg.max(0).values
     ro.ssum[r] = (lg - ro.mmax[r]).exp().sum(0)
     h = remix(ro, r)
@@ -455,7 +470,7 @@ def remix(ro, r):
     """Read r's mix (M, d) in fp32 from the sources as stored and its softmax statistics: the
     forward's, and Delta's backward where the plan does not keep the mix."""
     slots = ro.plan.visible[r]
-    a = (ro.Lg[slots, r] - ro.mmax[r]).exp() / ro.ssum[r]          # (n, M)
+    a = (ro.Lg[[ro.plan.lo[i] + r for i in slots]] - ro.mmax[r]).exp() / ro.ssum[r]  # (n, M)
     # every source as stored, the new one too (the backward's v_i): (n, M, d)
     srcs = torch.stack([ro.V[i].to(a.dtype) for i in slots])
     with torch.autocast(srcs.device.type, enabled=False):  # einsum would run in the autocast dtype
@@ -481,9 +496,9 @@ def read_grad(ro, W, r, slot, gh, mix, gamma, table, v_dtype):
         dummy = ch  # unused pointer arguments
         _read_grad_kernel[ro.grid](
             gh.contiguous(), dummy if mix is None else mix, dummy if gamma is None else gamma, ro.G,
-            ro.c, ch, ro.V, ro.Lg, table, len(plan.others[r]), ro.V[max(slot, 0)],
-            ro.Lg[max(slot, 0)], ro.mmax, ro.ssum, W, dummy if ro.P is None else ro.P,
-            dummy if dv is None else dv, ro.Dl, max(slot, 0), r, r1, M, d, ro.Lg.size(1), EPS,
+            ro.c, ch, ro.V, ro.Lg, table[0], table[1], len(plan.others[r]), ro.V[max(slot, 0)],
+            plan.lo[max(slot, 0)], ro.mmax, ro.ssum, W, dummy if ro.P is None else ro.P,
+            dummy if dv is None else dv, ro.Dl, r, r1, M, d, EPS,
             NEW=new, REMIX=mix is None, ADD_DP=new and plan.keep[slot],
             STORE_DP=new and plan.cont[slot], HAS_GAMMA=gamma is not None, BM=BM, BD=ro.BD,
             num_warps=ro.warps)
@@ -506,7 +521,7 @@ def read_grad(ro, W, r, slot, gh, mix, gamma, table, v_dtype):
 
 def source_grad(ro, W, i, r0, r1):
     """dL/dv_i (M, d) from the reads r0 <= r < r1 that saw source i; the logit gradients over
-    rms(v_i) go to Dl[i, r0:r1], for the queries' gradient. With a_r = softmax weight, l_r = logit,
+    rms(v_i) go to Dl (rows lo[i] + r), for the queries' gradient. With a_r = softmax weight, l_r = logit,
     g_r = read gradient:
         dl_r = a_r (g_r . v - c_r)
         dv = sum_r a_r g_r + (sum_r dl_r W_r) / rms(v) - (sum_r dl_r l_r) v / (d rms(v)^2)
@@ -516,19 +531,20 @@ def source_grad(ro, W, i, r0, r1):
     if use_triton(ro.V):
         dv = ro.V.new_empty((M, d), dtype=acc)
         _source_grad_kernel[ro.grid](
-            ro.V[i], ro.G, ro.Lg[i], ro.mmax, ro.ssum, ro.c, W, r0, r1, dv, ro.Dl[i], M, d,
+            ro.V[i], ro.G, ro.Lg, ro.mmax, ro.ssum, ro.c, W, r0, r1, dv, ro.Dl, ro.plan.lo[i], M, d,
             EPS, BM=BM, BD=ro.BD, num_warps=ro.warps)
         return dv
     # the matmul and einsums in fp32 (or fp64)
     with torch.autocast(ro.V.device.type, enabled=False):
         v, G = ro.V[i].to(acc), ro.G[r0:r1].to(acc)                   # (M, d), (k, M, d)
         rinv = torch.rsqrt(v.pow(2).mean(-1) + EPS)                     # (M,)
-        lg = ro.Lg[i, r0:r1]                                            # (k, M)
+        rows = slice(ro.plan.lo[i] + r0, ro.plan.lo[i] + r1)
+        lg = ro.Lg[rows]                                                # (k, M)
         a = (lg - ro.mmax[r0:r1]).exp() / ro.ssum[r0:r1]
         dl = a * (torch.einsum('kmd,md->km', G, v) - ro.c[r0:r1])
         dv = (torch.einsum('km,kmd->md', a, G) + rinv[:, None] * (dl.t() @ W[r0:r1].to(acc))
               - ((dl * lg).sum(0) * rinv ** 2 / d)[:, None] * v)
-    ro.Dl[i, r0:r1] = dl * rinv
+    ro.Dl[rows] = dl * rinv
     return dv
 
 
@@ -557,8 +573,8 @@ if triton is not None:
     def _grad_sum(v, rinv, acc, sdl, G, Lg, MMAX, SSUM, C, DLR, r0, r1, rows, rmask, mask, offs,
                   M, D):
         """Pass 1 of a source's gradient, over the reads r0 <= r < r1 that saw it (v, rinv: its
-        values and 1/rms; Lg, DLR: its (R, M) logits and logit gradients; G: the (R, M, D) read
-        gradients). Adds sum_r a_r g_r to acc and sum_r dl_r l_r to sdl, with
+        values and 1/rms; Lg, DLR: its logits and logit gradients, read r's at r * M (Plan.lo);
+        G: the (R, M, D) read gradients). Adds sum_r a_r g_r to acc and sum_r dl_r l_r to sdl, with
         dl_r = a_r (g_r . v - c_r), and stores dl_r / rms(v) in DLR[r] (for pass 2 and the queries'
         gradient). Each read's gradient is loaded once, the next one's (and its statistics) before
         this one's math: software pipelining, a second tile in flight while this one is used."""
@@ -608,31 +624,34 @@ if triton is not None:
         return acc - (sdl * rinv * rinv / D)[:, None] * v
 
     @triton.jit
-    def _mix_others(V, Lg, slots, n, r, m, s, acc, rows, rmask, mask, offs, M, D, R):
-        """Adds read r's n other sources (their slots in `slots`, a row of the padded table) to the
-        softmax's sum s and the weighted sum acc, with weights exp(l - m): each source read once,
-        the next one's values and logit loaded before this one's math (software pipelining)."""
-        sl = tl.load(slots).to(tl.int64)
+    def _mix_others(V, Lg, slots, lrows, n, m, s, acc, rows, rmask, mask, offs, M, D):
+        """Adds a read's n other sources (their slots in `slots` and the rows of their logits
+        against it in `lrows`, rows of the padded table) to the softmax's sum s and the weighted
+        sum acc, with weights exp(l - m): each source read once, the next one's values and logit
+        loaded before this one's math (software pipelining)."""
+        sl, lr = tl.load(slots).to(tl.int64), tl.load(lrows).to(tl.int64)
         x_next = tl.load(V + sl * M * D + offs, mask=mask, other=0.0)
-        l_next = tl.load(Lg + (sl * R + r) * M + rows, mask=rmask, other=0.0)
+        l_next = tl.load(Lg + lr * M + rows, mask=rmask, other=0.0)
         for i in range(n):
             x, w = x_next, tl.exp(l_next - m)
             # (rows * 0 + ...: a vector condition, which the interpreter accepts in a mask as
             # the compiler does)
             more = rmask & (rows * 0 + i + 1 < n)
             # the table's padding makes slots[n] a valid slot
-            sl = tl.load(slots + i + 1).to(tl.int64)
+            sl, lr = tl.load(slots + i + 1).to(tl.int64), tl.load(lrows + i + 1).to(tl.int64)
             x_next = tl.load(V + sl * M * D + offs, mask=mask & more[:, None], other=0.0)
-            l_next = tl.load(Lg + (sl * R + r) * M + rows, mask=more, other=0.0)
+            l_next = tl.load(Lg + lr * M + rows, mask=more, other=0.0)
             s += w
             acc += w[:, None] * x.to(tl.float32)
         return acc, s
 
     @triton.jit
-    def _add_source_kernel(v_ptr, W, V, Lg, r0, r1, M, D: tl.constexpr, eps, BM: tl.constexpr,
+    def _add_source_kernel(v_ptr, W, V, Lg, lo, r0, r1, M, D: tl.constexpr, eps, BM: tl.constexpr,
                            BD: tl.constexpr):
-        # V, Lg: this slot's (M, D) source and (R, M) logits
+        # V: this slot's (M, D) source; Lg: every pair's logits, this slot's against read r in
+        # row lo + r (Plan.lo)
         rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
+        Lg += lo * M
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
         tl.store(V + offs, v, mask=mask)
         v = v.to(tl.float32)
@@ -642,14 +661,16 @@ if triton is not None:
             tl.store(Lg + r * M + rows, tl.sum(v * w[None, :], 1) * rinv, mask=rmask)
 
     @triton.jit
-    def _read_kernel(V, Lg, slots, n, r, OUT, P, W, VN, LN, r1, base, gamma, H, MIX, MMAX, SSUM,
-                     M, D: tl.constexpr, R, eps, NEW: tl.constexpr, CONT: tl.constexpr,
+    def _read_kernel(V, Lg, slots, lrows, n, r, OUT, P, W, VN, lo, r1, base, gamma, H, MIX, MMAX,
+                     SSUM, M, D: tl.constexpr, eps, NEW: tl.constexpr, CONT: tl.constexpr,
                      KEEP: tl.constexpr, HAS_BASE: tl.constexpr, STORE_MIX: tl.constexpr,
                      HAS_GAMMA: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr,
                      BD: tl.constexpr):
-        # V, Lg: every slot's (M, D) source and (R, M) logits; VN, LN: the new slot's; slots: the
-        # n other sources' slots (a row of the padded table, at most NP wide)
+        # V, Lg: every slot's (M, D) source and every pair's logits (Plan.lo); VN: the new slot's
+        # source, its logits in rows lo + r; slots, lrows: the n other sources' slots and the rows
+        # of their logits against read r (the padded table's, at most NP wide)
         rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
+        LN = Lg + lo * M
         # the new source p, made here from the last write's output (none: weight exp(-inf) = 0)
         p = tl.zeros([BM, BD], tl.float32)
         m = tl.full([BM], float('-inf'), tl.float32)  # its logit first, then the softmax max
@@ -676,13 +697,13 @@ if triton is not None:
         # in flight together, not n in a row (a second pass over the logits is cheaper than
         # rescaling the mix)
         ii = tl.arange(0, NP)
-        sls = tl.load(slots + ii, mask=ii < n, other=0).to(tl.int64)
-        lg = tl.load(Lg + (sls[:, None] * R + r) * M + rows[None, :],
+        lrs = tl.load(lrows + ii, mask=ii < n, other=0).to(tl.int64)
+        lg = tl.load(Lg + lrs[:, None] * M + rows[None, :],
                      mask=(ii < n)[:, None] & rmask[None, :], other=float('-inf'))
         m = tl.maximum(m, tl.max(lg, 0))
         s = tl.exp(l_new - m)
-        acc, s = _mix_others(V, Lg, slots, n, r, m, s, s[:, None] * p, rows, rmask, mask, offs, M,
-                             D, R)
+        acc, s = _mix_others(V, Lg, slots, lrows, n, m, s, s[:, None] * p, rows, rmask, mask, offs,
+                             M, D)
         mix = acc / s[:, None]
         tl.store(MMAX + r * M + rows, m, mask=rmask)  # this read's row of the (R, M) statistics
         tl.store(SSUM + r * M + rows, s, mask=rmask)
@@ -695,14 +716,16 @@ if triton is not None:
         tl.store(H + offs, mix, mask=mask)
 
     @triton.jit
-    def _read_grad_kernel(GH, MIX, gamma, G, C, CH, V, Lg, slots, n, VN, LN, MMAX, SSUM, W, P, DV,
-                          DL, slot, r, r1, M, D: tl.constexpr, R, eps, NEW: tl.constexpr,
+    def _read_grad_kernel(GH, MIX, gamma, G, C, CH, V, Lg, slots, lrows, n, VN, lo, MMAX, SSUM, W,
+                          P, DV, DL, r, r1, M, D: tl.constexpr, eps, NEW: tl.constexpr,
                           REMIX: tl.constexpr, ADD_DP: tl.constexpr, STORE_DP: tl.constexpr,
                           HAS_GAMMA: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
-        # G: the (R, M, D) read gradients; C, MMAX, SSUM: (R, M); VN, LN: the slot read r
-        # registered, its (M, D) source and (R, M) logits; DL: every slot's (R, M) logit gradients;
-        # V, Lg, slots, n: as _read_kernel's, to make the mix again (REMIX) where it was not kept
+        # G: the (R, M, D) read gradients; C, MMAX, SSUM: (R, M); VN: the (M, D) source read r
+        # registered, its logits and logit gradients in rows lo + r of Lg and DL (every pair's);
+        # V, Lg, slots, lrows, n: as _read_kernel's, to make the mix again (REMIX) where it was
+        # not kept
         rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
+        LN, DLR = Lg + lo * M, DL + lo * M  # the new slot's rows, from read r on
         q = r * M + rows
         m = tl.load(MMAX + q, mask=rmask, other=0.0)  # read r's softmax max and sum
         ssum = tl.load(SSUM + q, mask=rmask, other=1.0)
@@ -715,8 +738,8 @@ if triton is not None:
                 # wide 96 registers a thread instead of 126 (ptxas, sm_90)
                 vn = tl.load(VN + offs, mask=mask, other=0.0).to(tl.float32)
                 acc = tl.exp(lg - m)[:, None] * vn
-            acc, _ = _mix_others(V, Lg, slots, n, r, m, m * 0, acc, rows, rmask, mask, offs, M, D,
-                                 R)
+            acc, _ = _mix_others(V, Lg, slots, lrows, n, m, m * 0, acc, rows, rmask, mask, offs,
+                                 M, D)
             mix = acc / ssum[:, None]
         else:
             mix = tl.load(MIX + offs, mask=mask, other=0.0).to(tl.float32)
@@ -738,7 +761,6 @@ if triton is not None:
             rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
             a = tl.exp(lg - m) / ssum
             dl = a * (tl.sum(g * v, 1) - c)
-            DLR = DL + slot * R * M  # this slot's rows of DL, from read r on
             tl.store(DLR + q, dl * rinv, mask=rmask)
             # then a finished block's later reads, each gradient once
             acc, sdl = _grad_sum(v, rinv, a[:, None] * g, dl * lg, G, LN, MMAX, SSUM, C, DLR, r + 1,
@@ -751,10 +773,11 @@ if triton is not None:
             tl.store(DV + offs, dv, mask=mask)
 
     @triton.jit
-    def _source_grad_kernel(V, G, Lg, MMAX, SSUM, C, W, r0, r1, DV, DLR, M, D: tl.constexpr, eps,
-                            BM: tl.constexpr, BD: tl.constexpr):
+    def _source_grad_kernel(V, G, Lg, MMAX, SSUM, C, W, r0, r1, DV, DL, lo, M, D: tl.constexpr,
+                            eps, BM: tl.constexpr, BD: tl.constexpr):
         rows, cols, rmask, cmask, mask, offs = _tile(M, D, BM, BD)
-        # V, Lg, DLR: source i's (M, D) values, (R, M) logits and logit gradients
+        # V: source i's (M, D) values; its logits and logit gradients in rows lo + r of Lg, DL
+        Lg, DLR = Lg + lo * M, DL + lo * M
         v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
         rinv = tl.rsqrt(tl.sum(v * v, 1) / D + eps)
         # pass 1 streams the reads' gradients (the bytes that matter): sum_r a_r g_r and each dl_r

@@ -98,8 +98,8 @@ def test_fused_equals_plain_float64(name):
 
 
 def test_fused_plan_matches_the_source_counts():
-    """Each read sees the sources the paper's bookkeeping gives it (model._num_sources), and every source
-    is read by a contiguous range of reads."""
+    """Each read sees the sources the paper's bookkeeping gives it (model._num_sources), every source
+    is read by a contiguous range of reads, and its logits against them take rows of their own."""
     from model import _num_sources
     for kw in CASES.values():
         stream = build('fused', **kw).stream
@@ -107,6 +107,10 @@ def test_fused_plan_matches_the_source_counts():
             assert len(slots) == _num_sources(r + int(stream.additive), stream.S)
             assert slots[0] == 0  # the embedding is always a source
         assert all(r0 < r1 <= stream.n_reads for r0, r1 in stream.ranges)
+        # the logits are kept for the (source, read) pairs alone: one row a pair, none unused
+        plan = fastroute.PLANS[stream.key]
+        rows = sorted(plan.lo[i] + r for r, slots in enumerate(stream.visible) for i in slots)
+        assert rows == list(range(plan.pairs))
 
 
 @pytest.mark.parametrize('name', ['delta', 'delta_block4', 'delta_gate', 'attnres', 'attnres_block4'])
