@@ -75,16 +75,15 @@ class FusedRouted(Routed):
                         for r in range(R)]
         # the slot read r registers (i >= 1 first read by r) is made in registers, not loaded: the
         # kernels get the others, as an (R, 2, n) table, [r, 0] their slots and [r, 1] the rows of
-        # their logits against read r (Plan.lo), padded with slot 0 (a valid address, never
-        # used); moved to the device with the model, once, rather than every step
+        # their logits against read r (Plan.lo), padded with slot 0 and its row, r (a valid
+        # address, never used); moved to the device with the model, once, rather than every step
         others = [[i for i in v if i == 0 or self.ranges[i][0] != r]
                   for r, v in enumerate(self.visible)]
         plan = Plan(self.ranges, self.visible, others, R, S, additive)
         n = max(map(len, others)) + 1
-        pad = lambda row: row + [row[0]] * (n - len(row))  # noqa: E731  (slot 0, its row)
         self.register_buffer('table', torch.tensor(
-            [[pad(v), pad([plan.lo[i] + r for i in v])] for r, v in enumerate(others)],
-            dtype=torch.int32), persistent=False)
+            [[v + [0] * (n - len(v)), [plan.lo[i] + r for i in v] + [r] * (n - len(v))]
+             for r, v in enumerate(others)], dtype=torch.int32), persistent=False)
         # the ops find this stream's plan and its latest Router by this key (ints pass through
         # the compiler)
         self.key = OPS.register(self, plan)
@@ -151,8 +150,9 @@ class Plan:
         n = len(ranges)
         # the logits (and their gradients) are kept for the (source, read) pairs only: source i's
         # against read r in row lo[i] + r of a (pairs, M) buffer, its rows following the slots
-        # before it. A dense (n, R, M) table held 24 x 23 rows for delta block's 79 pairs at
-        # 124M (34.5 of 36 MB unused through the whole step, at the memory target's margin)
+        # before it (lo[0] = 0). A dense (n, R, M) table held 24 x 23 rows for delta block's 79
+        # pairs at 124M, B=16: 29.6 of its 36.2 MB unused through the whole step, which took the
+        # step's peak over 1.05x standard's (docs/performance.md)
         self.pairs = sum(r1 - r0 for r0, r1 in ranges)
         self.lo = [sum(b - a for a, b in ranges[:i]) - r0 for i, (r0, _) in enumerate(ranges)]
         # keep_mix[r]: Delta's read r keeps its mix (fp32) for the backward's c_r = g_r . mix_r;
