@@ -428,7 +428,8 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
     sum are kept for the backward. Returns h (M, d) and, for Delta where the plan keeps it, the mix
     (else None; AttnRes: h is the mix), both in fp32: the backward's c_r = g_r . mix must be
     sum_i a_i g_r . v_i to fp32 precision (read_grad), and the mix takes each source as stored, the
-    new one too."""
+    new one too. Where the backward makes the mix again, AttnRes's h is returned in the sources'
+    dtype (Plan.narrow_h)."""
     plan = ro.plan
     M, d = ro.V.shape[1:]
     acc = ro.Lg.dtype
@@ -521,8 +522,8 @@ def read_grad(ro, W, r, slot, gh, mix, gamma, table, v_dtype):
 
 def source_grad(ro, W, i, r0, r1):
     """dL/dv_i (M, d) from the reads r0 <= r < r1 that saw source i; the logit gradients over
-    rms(v_i) go to Dl (rows lo[i] + r), for the queries' gradient. With a_r = softmax weight, l_r = logit,
-    g_r = read gradient:
+    rms(v_i) go to Dl (rows lo[i] + r), for the queries' gradient. With a_r = softmax weight,
+    l_r = logit, g_r = read gradient:
         dl_r = a_r (g_r . v - c_r)
         dv = sum_r a_r g_r + (sum_r dl_r W_r) / rms(v) - (sum_r dl_r l_r) v / (d rms(v)^2)
     the last two terms being d l_r / dv = W_r / rms(v) - l_r v / (d rms(v)^2) (the key's RMS)."""
