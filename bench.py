@@ -132,7 +132,8 @@ def bench_variant(name, cfg, device):
     peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda' else None
     gpu_ms = None
     if cfg['profile']:
-        with torch.profiler.profile() as prof:
+        # acc_events: one profiling cycle either way; without it torch 2.11 warns at every profile
+        with torch.profiler.profile(acc_events=True) as prof:
             for _ in range(3):
                 step()
             sync(device)
@@ -192,7 +193,8 @@ def bench_routing(cfg, device):
     dt = (time.time() - t0) / cfg['route_steps']
     gpu_ms = None
     if device.type == 'cuda':  # the kernels' own time: alone, the op can wait on the CPU's launches
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA],
+                                    acc_events=True) as prof:
             for _ in range(cfg['route_steps']):
                 step()
             sync(device)
