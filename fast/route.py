@@ -176,6 +176,11 @@ class Plan:
         self.keep = [j + 1 < n and self.cont[j + 1] for j in range(n)]
         self.router = None
 
+    def rows(self, i):
+        """Source i's rows of the logits and their gradients: against its reads r0 <= r < r1."""
+        r0, r1 = self.ranges[i]
+        return slice(self.lo[i] + r0, self.lo[i] + r1)
+
 
 class Router:
     """The sources, logits and softmax statistics of one forward pass, shared by its ops."""
@@ -336,7 +341,7 @@ def source_backward(ro, W, slot):
     plan, Dl = ro.plan, ro.Dl.to(ro.V.dtype)
     ro.dW = W.new_zeros(W.shape)
     for i, (r0, r1) in enumerate(plan.ranges):
-        ro.dW[r0:r1] += Dl[plan.lo[i] + r0:plan.lo[i] + r1] @ ro.V[i]
+        ro.dW[r0:r1] += Dl[plan.rows(i)] @ ro.V[i]
     return dv
 
 
@@ -418,7 +423,7 @@ def add_source(ro, v, W, slot, r0, r1):
                                     BM=BM, BD=ro.BD, num_warps=ro.warps)
     else:
         ro.V[slot] = v
-        ro.Lg[ro.plan.lo[slot] + r0:ro.plan.lo[slot] + r1] = source_logits(v, W[r0:r1], EPS).t()
+        ro.Lg[ro.plan.rows(slot)] = source_logits(v, W[r0:r1], EPS).t()
 
 
 def read_mix(ro, r, table, v, W, slot, base, gamma):
@@ -455,7 +460,7 @@ def read_mix(ro, r, table, v, W, slot, base, gamma):
             ro.P.copy_(p)
         ro.V[slot] = p
         r0, r1 = plan.ranges[slot]
-        ro.Lg[plan.lo[slot] + r0:plan.lo[slot] + r1] = source_logits(p, W[r0:r1], EPS).t()
+        ro.Lg[plan.rows(slot)] = source_logits(p, W[r0:r1], EPS).t()
     lg = ro.Lg[[plan.lo[i] + r for i in plan.visible[r]]]          # (n, M)
     ro.mmax[r] = lg.max(0).values
     ro.ssum[r] = (lg - ro.mmax[r]).exp().sum(0)
@@ -539,7 +544,7 @@ def source_grad(ro, W, i, r0, r1):
     with torch.autocast(ro.V.device.type, enabled=False):
         v, G = ro.V[i].to(acc), ro.G[r0:r1].to(acc)                   # (M, d), (k, M, d)
         rinv = torch.rsqrt(v.pow(2).mean(-1) + EPS)                     # (M,)
-        rows = slice(ro.plan.lo[i] + r0, ro.plan.lo[i] + r1)
+        rows = ro.plan.rows(i)
         lg = ro.Lg[rows]                                                # (k, M)
         a = (lg - ro.mmax[r0:r1]).exp() / ro.ssum[r0:r1]
         dl = a * (torch.einsum('kmd,md->km', G, v) - ro.c[r0:r1])
