@@ -75,6 +75,8 @@ def test_bench_help(capsys):
     (['--steps=0'], ['--steps=0', '>= 1']),
     (['--json=no/such/folder/b.json'], ['--json=', 'a folder that exists']),
     (['--n_head=3'], ['n_embd=32', 'divisible by n_head=3']),
+    (['--variants=standard,delta_block', '--n_layer=1'],  # res_block=6 needs 6 sublayers
+     ['GPTConfig.res_block=6', 'S <= 2 * n_layer = 2', 'variant delta_block']),
     (['--route_impl=triton'], ["--route_impl='triton'", 'auto, plain, fused']),
     (['--device=tpu'], ["device='tpu'", "'cpu', 'cuda'"]),
 ] + ([] if torch.cuda.is_available() else [(['--device=cuda'], ['device=cuda', 'no CUDA GPU'])]))
