@@ -31,8 +31,8 @@ from model import GPT, GPTConfig
 class Progress:
     """Where the run is, for the message when Ctrl-C stops it: the step reached, the last
     checkpoint's step, and how often Ctrl-C was pressed (once: stop at the next safe point; twice:
-    stop now)."""
-    step = saved_at = None
+    stop now). Under DDP, sent: the counts all-reduced at the last safe point (ctrl_c_seen)."""
+    step = saved_at = sent = None
     ctrl_c = 0
 
 
@@ -353,12 +353,30 @@ def log_step(line):
 
 def ctrl_c_seen(ddp, device):
     """Ctrl-C seen, asked at the safe point: this step's log line and checkpoint are done, the next
-    step not begun. Under DDP every rank stops at the same step, whichever rank saw the signal."""
+    step not begun. Under DDP every rank stops at the same step, whichever rank saw the signal:
+    each sends its count at every safe point (an all-reduce, MAX) and acts on the counts sent at
+    the safe point before, so a DDP run stops one step later than a single process. Reading this
+    point's own would make the CPU wait for the GPU to finish the step it has just queued, before it
+    could queue the next: a GPU idle at every step (train.py reads its loss a step late likewise)."""
     if not ddp:
         return progress.ctrl_c
-    flag = torch.tensor(progress.ctrl_c, device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item()
+    seen = 0
+    if progress.sent is not None:
+        flag, wait = progress.sent
+        wait()  # CUDA: the copy of the last point's counts, long done on the GPU by now
+        seen = int(flag)
+    if not seen:  # every rank has the same counts: all of them send again, or all stop
+        flag = torch.tensor(progress.ctrl_c, device=device)
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        if flag.is_cuda:  # the stream (not the CPU) waits for the all-reduce, then copies
+            work.wait()
+            flag, done = flag.to('cpu', non_blocking=True), torch.cuda.Event()
+            done.record()
+            work = done.synchronize
+        else:
+            work = work.wait
+        progress.sent = (flag, work)
+    return seen
 
 
 def stop(what, value, step, ckpt_path, saved_at):

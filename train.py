@@ -314,7 +314,7 @@ def main(argv=None):
         print(__doc__ + '\n' + inspect.getsource(GPTConfig) + '\n' + inspect.getsource(Config))
         return
     ddp = 'RANK' in os.environ  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-    progress.step, progress.saved_at, progress.ctrl_c = None, None, 0
+    progress.step, progress.saved_at, progress.sent, progress.ctrl_c = None, None, None, 0
     on_sigint = signal.signal(signal.SIGINT, checkpoint.on_ctrl_c)
     try:
         train(argv, ddp)

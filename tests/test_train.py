@@ -613,6 +613,45 @@ def test_ddp_two_gloo_processes_match_one_process_with_grad_accumulation(tmp_pat
         assert a['val_loss'] == pytest.approx(b['val_loss'], rel=1e-5)
 
 
+CTRL_C_ON_RANK_1 = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train
+next_batch, calls = train.DataLoader.next_batch, [0]
+
+def ctrl_c_on_rank_1(self):  # 1 micro-batch a step on each rank: call 5 is the forward of step 4 -> 5
+    calls[0] += 1
+    if os.environ['RANK'] == '1' and calls[0] == 5:
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, on this rank alone
+    return next_batch(self)
+
+train.DataLoader.next_batch = ctrl_c_on_rank_1
+try:
+    train.main()
+finally:  # where this rank stopped, and how
+    with open(os.path.join({out!r}, 'rank' + os.environ['RANK']), 'w') as f:
+        f.write(f'{{train.progress.step}} {{sys.exc_info()[1].code}}')
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, data_dir):
+    """Ctrl-C on rank 1 alone, during step 4 -> 5: every rank stops at the same safe point, with exit status
+    130, the log and the checkpoint of a finished step. Each rank sends its count at every safe point and acts on
+    the counts of the one before, so that it never waits for its GPU to finish a step before queueing the next:
+    a DDP run stops at step 6 where a single process stops at 5 (test_ctrl_c_stops_at_the_next_safe_point)."""
+    driver = tmp_path / 'driver.py'
+    driver.write_text(CTRL_C_ON_RANK_1.format(root=ROOT, out=str(tmp_path)))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(driver), *TINY,
+           '--max_iters=8', f'--data_dir={data_dir}', f'--out_dir={tmp_path / "two"}']
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode != 0, p.stderr[-3000:]
+    assert [(tmp_path / f'rank{r}').read_text() for r in (0, 1)] == ['6 130', '6 130'], p.stderr[-3000:]
+    assert 'interrupted at step 6; last checkpoint step 4; resume with --init_from=resume' in p.stderr
+    assert records(tmp_path / 'two')[-1]['step'] == 6 and load(tmp_path / 'two')['step'] == 4
+
+
 def test_train_then_sample(tmp_path, data_dir):
     out = tmp_path / 'out'
     run(data_dir, out, '--max_iters=24', '--eval_interval=12', '--residual=attnres', '--res_block=2')
