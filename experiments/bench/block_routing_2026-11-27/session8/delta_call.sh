@@ -8,7 +8,8 @@
 #   3. bench.py at 124M (B=16, with --profile=True for each variant's GPU busy time a step): main (standard, delta,
 #      delta_block), then each patched tree (delta, delta_block), one after another on the same GPU.
 # From the repository's root, with FineWeb shards (*_train_*.bin, *_val_*.bin) in lossdata/:
-#   timeout 560 bash experiments/bench/block_routing_2026-11-27/session8/delta_call.sh /tmp/s8; tar czf $OUT/s8.tgz -C /tmp s8
+#   bash experiments/bench/block_routing_2026-11-27/session8/delta_call.sh OUT_DIR
+# (about 9 minutes; everything it writes, curves, JSON and profiles, is in OUT_DIR)
 set -u
 out=${1:?an output folder}
 here=$(cd "$(dirname "$0")" && pwd)
