@@ -11,15 +11,16 @@
 #   bash experiments/bench/block_routing_2026-11-27/session8/delta_call.sh OUT_DIR
 # (about 9 minutes; everything it writes, curves, JSON and profiles, is in OUT_DIR)
 set -u
-out=${1:?an output folder}
+out=$(mkdir -p "${1:?an output folder}" && cd "$1" && pwd)  # absolute: the runs below cd into the trees
 here=$(cd "$(dirname "$0")" && pwd)
-mkdir -p "$out"
+probe=experiments/bench/block_routing_2026-11-27/session6/inductor_fallback_str.py  # imports the tree it is in
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 date -u
 for t in add both; do  # the patched trees, beside this one
   rm -rf /tmp/$t && mkdir /tmp/$t && cp -r *.py fast tests pytest.ini lossdata /tmp/$t/
+  mkdir -p /tmp/$t/$(dirname $probe) && cp $probe /tmp/$t/$probe
   (cd /tmp/$t && patch -s -p1 < "$here/delta_stream_add.patch" && \
    { [ $t = add ] || patch -s -p1 < "$here/delta_bf16_h.patch"; }) || exit 1
 done
@@ -37,7 +38,7 @@ for t in add both; do
   (cd /tmp/$t && timeout 300 python -m pytest -q -p no:cacheprovider tests/test_fastroute.py tests/test_fastddl.py -k cuda \
      2>&1 | tail -2 | sed "s/^/tests $t: /")
 done
-(cd /tmp/both && CUDA_VISIBLE_DEVICES= timeout 200 python "$here/../session6/inductor_fallback_str.py" 12 2>&1 \
+(cd /tmp/both && CUDA_VISIBLE_DEVICES= timeout 200 python $probe 12 2>&1 \
   | grep -E "operator_str|compiles" | sort | uniq -c | sort -k2 | tail -8)
 wait
 python - "$out" $runs <<'PY'
