@@ -366,16 +366,16 @@ def ctrl_c_seen(ddp, device):
         wait()  # CUDA: the copy of the last point's counts, long done on the GPU by now
         seen = int(flag)
     if not seen:  # every rank has the same counts: all of them send again, or all stop
-        flag = torch.tensor(progress.ctrl_c, device=device)
+        # a fill kernel, not torch.tensor: a copy from the CPU's memory would wait for the GPU too
+        flag = torch.full((), progress.ctrl_c, device=device)
         work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        wait = work.wait
         if flag.is_cuda:  # the stream (not the CPU) waits for the all-reduce, then copies
             work.wait()
             flag, done = flag.to('cpu', non_blocking=True), torch.cuda.Event()
             done.record()
-            work = done.synchronize
-        else:
-            work = work.wait
-        progress.sent = (flag, work)
+            wait = done.synchronize
+        progress.sent = (flag, wait)
     return seen
 
 
