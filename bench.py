@@ -63,16 +63,17 @@ def parse(argv):
     cfg = cli.parse(argv, defaults, __doc__, RULES)
     # the model's own checks (n_embd divisible by n_head, a block no longer than the sublayers, ...)
     # for every variant asked for, and the device, before anything runs
-    name = None
-    try:
-        for name in dict.fromkeys(cfg['variants'].split(',') + [cfg['route_variant']]):
+    for name in dict.fromkeys(cfg['variants'].split(',') + [cfg['route_variant']]):
+        try:
             GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
                       block_size=cfg['block_size'], vocab_size=cfg['vocab_size'], **VARIANTS[name])
-        name = None
+        except ValueError as e:
+            raise SystemExit(f'error: {e} (variant {name})') from None
+    try:
         cfg['device'] = cli.pick_device(cfg['device'])
         cfg['dtype'] = cli.pick_dtype(cfg['dtype'], cfg['device'])[0]
-    except (ValueError, cli.ConfigError) as e:
-        raise SystemExit(f'error: {e}' + (f' (variant {name})' if name else '')) from None
+    except cli.ConfigError as e:
+        raise SystemExit(f'error: {e}') from None
     return cfg
 
 
