@@ -162,7 +162,8 @@ def launch(cfg, passthrough):
                       flush=True)
                 if proc.returncode != 0:
                     failed.append(f'{run[0]} seed {run[1]}')
-                    print(open(os.path.join(run_dir(cfg, *run), 'stdout.txt')).read()[-2000:])
+                    with open(os.path.join(run_dir(cfg, *run), 'stdout.txt')) as f:
+                        print(f.read()[-2000:])
         time.sleep(1)  # poll: runs take minutes, a second of latency costs nothing
     return failed
 
@@ -172,7 +173,8 @@ def read_log(d):
     path = os.path.join(d, 'log.jsonl')
     if not os.path.exists(path):
         return None, []
-    lines = [json.loads(line) for line in open(path)]
+    with open(path) as f:
+        lines = [json.loads(line) for line in f]
     return lines[0].get('config'), [line for line in lines[1:] if 'step' in line]
 
 
@@ -195,7 +197,8 @@ def analyse(cfg, d, run_cfg, device):
     (routing.importance)."""
     path = os.path.join(d, 'analysis.json')
     if os.path.exists(path):
-        return json.load(open(path))
+        with open(path) as f:
+            return json.load(f)
     if not os.path.exists(os.path.join(d, 'ckpt.pt')):
         return {}  # the logs alone: nothing more to say about this run
     model, _ = checkpoint.load_model(os.path.join(d, 'ckpt.pt'), device)

@@ -6,6 +6,7 @@ student's code prints, writes or patches in the child process it runs in."""
 import ast
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ import pytest
 import exercises
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOLUTION = open(os.path.join(ROOT, 'model.py')).read()
+with open(os.path.join(ROOT, 'model.py')) as f:
+    SOLUTION = f.read()
 FAST = ('fast',)  # the fast GPU paths, as a copy's first path component
 
 
@@ -65,7 +67,7 @@ def test_make_cuts_out_exactly_the_exercise(tmp_path, ex):
     assert (out / 'exercises' / 'README.md').is_file()
     copied = files_under(out)
     for path in copied - {'model.py'}:  # no stand-ins: every other file is the project's, as it is
-        assert (out / path).read_bytes() == open(os.path.join(ROOT, path), 'rb').read(), path
+        assert (out / path).read_bytes() == pathlib.Path(ROOT, path).read_bytes(), path
     fast = {p for p in files_under(ROOT) if p.split(os.sep)[0] in FAST}
     if ex.targets:  # the fast paths re-implement what the exercises ask for: none in the copy
         assert not {p for p in copied if p.split(os.sep)[0] in FAST}
