@@ -20,8 +20,8 @@ What the plain path costs, and what this one does instead (per token, d wide, n 
   so about 2 bytes per element per pair, with nothing accumulated in memory. The block's running
   sum passes the gradient down (p_s = p_{s-1} + out_s, so dL/dout_s = dL/dp_s), in the same kernel,
   so the sublayer gets its output's gradient with no autograd sum in between. The queries' gradient
-  is one matmul a source at the end, over its logit gradients (kept, as its logits, for the reads
-  that see it only).
+  is one batched matmul at the end, over the logit gradients (kept, as the logits, for the reads
+  that see a source only, and laid out densely, zeros between, for that matmul alone).
 
 How autograd is made to run a source's backward after all of its reads: every op here takes and
 returns a 0-dim "token" tensor, chained in forward order, and every backward op takes and returns
@@ -174,6 +174,11 @@ class Plan:
         # keep, P = p is kept for the next slot, which continues the same block
         self.cont = [False] + [(j - 1) % S != 0 for j in range(1, n)]
         self.keep = [j + 1 < n and self.cont[j + 1] for j in range(n)]
+        # the queries' gradient takes every source's logit gradients against every read, (n, R, M),
+        # zero where a read does not see the source: row lo[i] + r of Dl, or its last row, kept 0
+        self.dense = [self.lo[i] + r if r0 <= r < r1 else self.pairs
+                      for i, (r0, r1) in enumerate(ranges) for r in range(n_reads)]
+        self.dense_on = {}  # that index on each device it was asked for, made once
         self.router = None
 
     def rows(self, i):
@@ -198,7 +203,8 @@ class Router:
         self.plan = plan
         self.P = self.running_sum()
         # backward: (R, M, d) read-output gradients, and each source's logit gradients over its
-        # rms (as Lg), allocated by the first read backward; then the queries' gradient (R, d)
+        # rms (as Lg, and a last row of zeros), allocated by the first read backward; then the
+        # queries' gradient (R, d)
         self.G = self.Dl = self.dW = None
         self.BD = 1 << (d - 1).bit_length()  # d to a power of 2
         self.grid, self.warps = (-(-M // BM),), max(1, self.BD // 1024)  # programs, warps (see BM)
@@ -323,7 +329,10 @@ def read_backward_op(g_token, g_h, mix, gamma, W, slots, key, slot, r, shape, v_
     ro = PLANS[key].router
     if ro.G is None:  # the last read's backward comes first
         ro.G = ro.V.new_empty((ro.plan.n_reads,) + ro.V.shape[1:])
-        ro.Dl = torch.empty_like(ro.Lg)  # every row written: each source's backward writes its own
+        # every row written (each source's backward writes its own) but the last, the zeros
+        # source_backward pads with
+        ro.Dl = ro.Lg.new_empty((ro.plan.pairs + 1, ro.Lg.size(1)))
+        ro.Dl[-1] = 0
         ro.P = ro.running_sum()
     d = g_h.size(-1)
     mix = mix.reshape(-1, d) if mix.numel() else None  # None: made again from the sources
@@ -335,13 +344,19 @@ def read_backward_op(g_token, g_h, mix, gamma, W, slots, key, slot, r, shape, v_
 def source_backward(ro, W, slot):
     """The embedding's gradient (M, d); then, the last of the chain, the queries' whole gradient
     from every source's logit gradients (over rms(v), left in Dl): the logit is (W_r . v) / rms(v),
-    so dL/dW_r = sum over sources i and tokens of Dl[i, r] * v_i: one matmul a source, (k, M) @
-    (M, d) for its k reads, in the storage dtype as the sources are, summed in W's."""
+    so dL/dW_r = sum over sources i and tokens of Dl[i, r] * v_i. One batched matmul, (n, R, M) @
+    (n, M, d), over the logit gradients laid out densely (zeros where read r does not see source
+    i), in the storage dtype as the sources are, then summed over sources in W's: four kernels
+    where a matmul and an add a source made 52 at 124M (launches are CPU time a step, and a host
+    with a slow CPU waits on them). The dense copy is transient: 20 MB at 124M, B=16."""
     dv = source_grad(ro, W, slot, *ro.plan.ranges[slot])
-    plan, Dl = ro.plan, ro.Dl.to(ro.V.dtype)
-    ro.dW = W.new_zeros(W.shape)
-    for i, (r0, r1) in enumerate(plan.ranges):
-        ro.dW[r0:r1] += Dl[plan.rows(i)] @ ro.V[i]
+    plan, dev = ro.plan, W.device
+    if dev not in plan.dense_on:  # once per device: a copy from the CPU would wait for the GPU
+        plan.dense_on[dev] = torch.tensor(plan.dense, device=dev)
+    n, M = len(plan.ranges), ro.Dl.size(1)
+    Dl = ro.Dl.to(ro.V.dtype)[plan.dense_on[dev]].view(n, plan.n_reads, M)  # (n, R, M)
+    with torch.autocast(dev.type, enabled=False):  # bmm would run in the autocast dtype
+        ro.dW = torch.bmm(Dl, ro.V).sum(0, dtype=W.dtype)  # (n, R, d) -> (R, d)
     return dv
 
 
